@@ -1,0 +1,13 @@
+"""msvse: multi-scale visual semantic enhancement for multimodal NER.
+
+The package is split the way the pipeline is:
+
+- ``msvse.pipeline``: demo data and tiny offline models (stage 0),
+- ``msvse.extract``: frozen visual models into HDF5 shards (stage 1),
+- ``msvse.train``: the MSVSE network, training, scoring and prediction (stage 2).
+
+Shared pieces (typed configs, the Twitter data format, atomic file writes) live
+directly under ``msvse``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Stage 2: the MSVSE network, training, scoring and prediction from HDF5 shards."""
