@@ -20,11 +20,23 @@ Datasets (N rows):
 Rows whose status is not 0 hold zeros and empty strings. :class:`FeatureStore` opens
 one or more shards, joins the kinds by id and refuses shards of another format or
 schema version, and an id that two shards claim for the same kind.
+
+String datasets may be variable-length (:func:`write_shard`) or fixed-width UTF-8
+(:class:`ShardWriter`); readers treat both alike.
+
+Crash safety (:class:`ShardWriter`): a shard under construction is ``NAME.partial``
+beside its final path. All its datasets are allocated in full when it is created
+(contiguous rows, so one image is one read), so later writes only fill raw bytes and
+never touch the file's structure: a process killed at any moment leaves a file that
+opens. Every row starts with status -1 (pending); a batch's features are written and
+flushed before its status, so a row is never marked done before its features are on
+disk. When no row is pending the file is renamed to its final name.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +52,7 @@ FORMAT = "msvse-features"
 SCHEMA_VERSION = 1
 KINDS: tuple[str, ...] = ("grid", "objects", "caption")
 STATUS_OK, STATUS_UNREADABLE, STATUS_MISSING = 0, 1, 2
+STATUS_PENDING = -1  # only in a NAME.partial file: the row is not written yet
 STATUS_NAMES = {STATUS_OK: "ok", STATUS_UNREADABLE: "unreadable", STATUS_MISSING: "missing"}
 STR_DTYPE = h5py.string_dtype(encoding="utf-8")
 
@@ -197,6 +210,11 @@ class FeatureStore:
                 raise FeatureFileError(f"{path}: {len(ids)} ids but {len(status)} status values")
             if len(set(ids)) != len(ids):
                 raise FeatureFileError(f"{path}: an image id appears twice in the same file")
+            if (status == STATUS_PENDING).any():
+                raise FeatureFileError(
+                    f"{path}: an unfinished extraction ({int((status == STATUS_PENDING).sum())} rows pending); "
+                    "complete it with msvse-extract --resume"
+                )
             for image, st in zip(ids, status):
                 if st not in STATUS_NAMES:
                     raise FeatureFileError(f"{path}: image {image!r} has unknown status {st}")
@@ -249,3 +267,160 @@ class FeatureStore:
             scores=self._scores.get(image),
             caption=self._caption.get(image),
         )
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where the shard that will become ``path`` is built."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def fixed_utf8(width: int) -> np.dtype:
+    """A fixed-width UTF-8 string type of ``width`` bytes (at least 1)."""
+    return h5py.string_dtype("utf-8", max(1, int(width)))
+
+
+def encode_fixed(texts: Sequence[str] | np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """UTF-8 bytes for a fixed-width string dataset; a text longer than the width is a bug."""
+    width = dtype.itemsize
+    raw = np.asarray([t.encode("utf-8") for t in np.asarray(texts, dtype=object).ravel()], dtype=object)
+    too_long = [t for t in raw if len(t) > width]
+    assert not too_long, f"string of {len(too_long[0])} bytes exceeds the field width {width}"
+    return raw.astype(dtype).reshape(np.shape(texts))
+
+
+class ShardWriter:
+    """Fills a shard batch by batch, crash-safe and resumable (see the module docstring).
+
+    :meth:`create` allocates ``NAME.partial`` for ``ids`` (the setup itself is written to
+    a temporary file and renamed, so a partial file is always complete in structure);
+    :meth:`reopen` continues one. :meth:`write_rows` stores consecutive rows;
+    :meth:`finish` renames the file once no row is pending.
+    """
+
+    def __init__(self, path: Path, f: h5py.File):
+        self.path = path  # the final path
+        self.file = f
+        self.kinds: list[str] = json.loads(f.attrs["kinds"])
+        self.config: dict[str, Any] = json.loads(f.attrs["config"])
+        self.status: np.ndarray = f["status"][()]
+
+    @property
+    def ids(self) -> list[str]:
+        return _decode(self.file["ids"][()])
+
+    @property
+    def pending(self) -> np.ndarray:
+        """Indices of the rows not written yet."""
+        return np.flatnonzero(self.status == STATUS_PENDING)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        ids: Sequence[str],
+        *,
+        kinds: Sequence[str],
+        config: Mapping[str, Any],
+        grid_shape: tuple[int, int] | None = None,
+        max_objects: int = 0,
+        label_bytes: int = 0,
+        caption_bytes: int = 0,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> ShardWriter:
+        from msvse.io import atomic_path
+
+        path = Path(path)
+        n = len(ids)
+        with atomic_path(partial_path(path)) as tmp:
+            with h5py.File(tmp, "w") as f:
+                set_attributes(f, kinds, config)
+                for key, value in (attrs or {}).items():
+                    f.attrs[key] = value
+                f.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=STR_DTYPE)
+                _allocate(f, "status", (n,), np.int8)[...] = STATUS_PENDING
+                if "grid" in kinds:
+                    assert grid_shape is not None
+                    _allocate(f, "grid", (n, *grid_shape), np.float16)
+                if "objects" in kinds:
+                    assert max_objects > 0
+                    _allocate(f, "objects/labels", (n, max_objects), fixed_utf8(label_bytes))
+                    _allocate(f, "objects/scores", (n, max_objects), np.float32)
+                    _allocate(f, "objects/boxes", (n, max_objects, 4), np.float32)
+                if "caption" in kinds:
+                    _allocate(f, "caption", (n,), fixed_utf8(caption_bytes))
+        return cls.reopen(path)
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> ShardWriter:
+        path = Path(path)
+        partial = partial_path(path)
+        try:
+            f = h5py.File(partial, "r+")
+        except OSError as exc:
+            raise FeatureFileError(f"{partial}: cannot reopen the unfinished shard ({exc})") from None
+        try:
+            check_header(f, str(partial))
+            return cls(path, f)
+        except BaseException:
+            f.close()
+            raise
+
+    def write_rows(
+        self,
+        start: int,
+        status: Sequence[int],
+        *,
+        grid: np.ndarray | None = None,
+        labels: Sequence[Sequence[str]] | None = None,
+        scores: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        captions: Sequence[str] | None = None,
+    ) -> None:
+        """Write rows ``start .. start + len(status) - 1``: features first, then status."""
+        f = self.file
+        stop = start + len(status)
+        rows = slice(start, stop)
+        if "grid" in self.kinds:
+            f["grid"][rows] = np.asarray(grid, dtype=np.float16)
+        if "objects" in self.kinds:
+            table = f["objects/labels"]
+            k = table.shape[1]
+            padded = [list(row)[:k] + [""] * (k - len(row)) for row in labels]
+            table[rows] = encode_fixed(np.array(padded, dtype=object).reshape(len(status), k), table.dtype)
+            f["objects/scores"][rows] = np.asarray(scores, dtype=np.float32)
+            f["objects/boxes"][rows] = np.asarray(boxes, dtype=np.float32)
+        if "caption" in self.kinds:
+            f["caption"][rows] = encode_fixed(list(captions), f["caption"].dtype)
+        f.flush()
+        values = np.asarray(status, dtype=np.int8)
+        assert ((values >= STATUS_OK) & (values <= STATUS_MISSING)).all(), values
+        f["status"][rows] = values
+        f.flush()
+        self.status[rows] = values
+
+    def finish(self) -> Path:
+        """Close the file and give it its final name; every row must be written."""
+        assert not len(self.pending), f"{len(self.pending)} rows still pending"
+        self.close()
+        partial = partial_path(self.path)
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename must not reach the disk before the rows do
+        finally:
+            os.close(fd)
+        os.replace(partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+def _allocate(f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+    # Early allocation without a fill: the file reaches its full size (sparse, so unwritten
+    # rows read as zeros) and no later write changes its structure.
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)

@@ -1,0 +1,131 @@
+"""Mask R-CNN through detectron2, the paper's backend (``extract.objects.backend: detectron2``).
+
+detectron2 is not on the package registry: build it from source
+(https://github.com/facebookresearch/detectron2, INSTALL.md). It is imported only when
+this backend is chosen. Model-zoo ``.pkl`` checkpoints are Python pickles that
+detectron2 itself unpickles: point ``extract.objects.weights`` only at files you trust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msvse.errors import MsvseError
+
+from .config import ObjectsConfig
+from .models import COCO_THING_CLASSES, TINY_HINT, Detections, ShortSideResize, select_detections
+
+
+class Detectron2Detector:
+    """A detectron2 R-CNN without its mask head, one image at a time (see
+    :class:`~msvse.extract.models.TorchvisionDetector` for why). Boxes come back in
+    original-image pixels: detectron2 rescales them to the ``height``/``width`` given."""
+
+    kind = "objects"
+
+    def __init__(self, model: torch.nn.Module, input_format: str, cfg: ObjectsConfig, device: torch.device):
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.bgr = input_format == "BGR"
+        self.device = device
+        self.cfg = cfg
+        self.preprocess = ShortSideResize(cfg.min_size, cfg.max_size, "round")
+
+    def __call__(self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]]) -> list[Detections]:
+        out = []
+        for image, (width, height) in zip(images, original_sizes):
+            x = image.to(self.device, non_blocking=True).float()  # (3, H, W) RGB in 0..255
+            if self.bgr:
+                x = x.flip(0)
+            (pred,) = self.model([{"image": x, "height": height, "width": width}])
+            inst = pred["instances"]
+            # detectron2's classes are COCO's 80 used categories; map them into the
+            # shared name list so both backends yield the same label strings.
+            out.append(
+                select_detections(
+                    inst.pred_classes.cpu().numpy(),
+                    inst.scores.float().cpu().numpy(),
+                    inst.pred_boxes.tensor.float().cpu().numpy(),
+                    COCO_THING_CLASSES,
+                    self.cfg.score_threshold,
+                    self.cfg.max_objects,
+                )
+            )
+        return out
+
+
+def load_detectron2(cfg: ObjectsConfig, device: torch.device) -> Detectron2Detector:
+    try:
+        from detectron2 import model_zoo
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import get_cfg
+        from detectron2.modeling import build_model
+    except ImportError as exc:
+        raise MsvseError(
+            f"extract.objects.backend is detectron2, but detectron2 cannot be imported ({exc}); build it from "
+            "source (github.com/facebookresearch/detectron2, INSTALL.md) or set extract.objects.backend: torchvision"
+        ) from None
+
+    name = cfg.detectron2_config
+    what = f"object detector {name}"
+    d2 = get_cfg()
+    local = Path(name)
+    try:
+        d2.merge_from_file(str(local) if local.is_file() else model_zoo.get_config_file(name))
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        raise MsvseError(
+            f"extract.objects.detectron2_config: {name!r} is neither a YAML file nor a detectron2 model-zoo config ({exc})"
+        ) from None
+    d2.MODEL.DEVICE = str(device)
+    d2.MODEL.MASK_ON = False  # labels only: no mask head, no mask pasting
+    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.score_threshold
+    d2.INPUT.MIN_SIZE_TEST = cfg.min_size
+    d2.INPUT.MAX_SIZE_TEST = cfg.max_size
+    if d2.MODEL.ROI_HEADS.NUM_CLASSES != len(COCO_THING_CLASSES):
+        raise MsvseError(
+            f"{what}: has {d2.MODEL.ROI_HEADS.NUM_CLASSES} classes; the labels need a COCO model "
+            f"({len(COCO_THING_CLASSES)} classes)"
+        )
+    model = build_model(d2)
+
+    if cfg.weights == "coco":
+        try:
+            weights = model_zoo.get_checkpoint_url(name)
+        except RuntimeError:
+            raise MsvseError(
+                f"extract.objects.weights: 'coco' means the model zoo's checkpoint, and {name!r} is not a "
+                "model-zoo config; give the checkpoint's path"
+            ) from None
+    else:
+        weights = cfg.weights
+        if not Path(weights).is_file():
+            raise MsvseError(
+                f"{what}: weights file {weights!r} not found (extract.objects.weights); "
+                f"point it at a local detectron2 checkpoint, {TINY_HINT}"
+            )
+
+    incompatible: list[Any] = []
+
+    class _Checkpointer(DetectionCheckpointer):
+        def _log_incompatible_keys(self, keys: Any) -> None:
+            incompatible.append(keys)
+            super()._log_incompatible_keys(keys)
+
+    try:
+        _Checkpointer(model).load(weights)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, AssertionError) as exc:
+        raise MsvseError(
+            f"{what}: weights {weights!r} could not be loaded ({type(exc).__name__}: {exc}). Without network "
+            f"access, download the checkpoint elsewhere, copy it here and set extract.objects.weights to its path, {TINY_HINT}"
+        ) from None
+    for keys in incompatible:
+        if keys.missing_keys or keys.incorrect_shapes:
+            bad = (keys.missing_keys or [k for k, *_ in keys.incorrect_shapes])[0]
+            raise MsvseError(
+                f"{what}: weights {weights!r} do not fit the model built from the config "
+                f"(e.g. {bad!r} missing or of another shape); check extract.objects.detectron2_config"
+            )
+    return Detectron2Detector(model, d2.INPUT.FORMAT, cfg, device)
