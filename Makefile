@@ -14,9 +14,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# Stage commands (msvse-*) run from the venv, so it goes first on PATH.
 demo: $(VENV)/.installed
-	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

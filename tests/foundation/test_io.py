@@ -27,3 +27,13 @@ def test_resolved_config_records_who_wrote_it(tmp_path):
     assert data["msvse_version"] and data["written_at"]
     write_json_atomic(tmp_path / "x.json", {"a": [1, 2]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1, 2]}
+
+
+def test_atomic_file_gets_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    write_json_atomic(tmp_path / "m.json", {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o666 & ~mask
