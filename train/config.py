@@ -135,6 +135,8 @@ class Optim:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # DataLoader worker processes; batches are cheap to build, so 0 is usually right.
     workers: int = field(default=0, metadata=bounds(min=0))
+    # torch intra-op CPU threads; null: torch's default. Small CPU models run faster on 1.
+    threads: int | None = field(default=None, metadata=bounds(min=1))
 
 
 @dataclass(frozen=True)

@@ -283,6 +283,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train MSVSE as ``cfg`` says; return the final metrics (also in metrics.json)."""
     out = cfg.out
     device = resolve_device(cfg.optim.device)
+    if cfg.optim.threads is not None:
+        torch.set_num_threads(cfg.optim.threads)
     seed_everything(cfg.optim.seed)
     tokenizer, encoder = load_encoder(cfg.model.encoder)
     store = open_features(cfg)
