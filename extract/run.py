@@ -256,7 +256,7 @@ def extract_in_memory(
     """Features of a few images without writing a file (single-post prediction).
 
     The grid goes through float16 like a stored shard's, so a model trained on shards
-    sees the same numbers. The loaded models are kept for the next call with the same
+    sees the same numbers (up to the last bit that batch size can change). The loaded models are kept for the next call with the same
     config, kinds and device.
     """
     models = _cached_models(config, parse_kinds(kinds), device)
