@@ -425,12 +425,12 @@ class Batch:
         return self.text_ids.shape[0]
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
-    n = max([len(r) for r in rows] + [length or 1])
-    out = torch.full((len(rows), n), value, dtype=torch.long)
+def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Rows padded with ``value`` to the longest row: (B, longest)."""
+    out = np.full((len(rows), max([len(r) for r in rows] + [1])), value, dtype=np.int64)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
 
 
 class Collator:
