@@ -35,11 +35,16 @@ def main(images, out, params, kinds, ids_from, shard, resume, batch_size, device
         config = load_section(params, "extract", ExtractConfig, overrides=overrides)
     else:
         config = from_dict(ExtractConfig, overrides, source="command line")
+    kinds = parse_kinds(kinds)
+    if "caption" in kinds:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own bar is the one to watch
     summary = extract(
         images,
         out,
         config,
-        parse_kinds(kinds),
+        kinds,
         ids_from=list(ids_from),
         shard=parse_shard(shard) if shard else None,
         resume=resume,

@@ -32,6 +32,7 @@ class Detectron2Detector:
         self.bgr = input_format == "BGR"
         self.device = device
         self.cfg = cfg
+        self.names = COCO_THING_CLASSES
         self.preprocess = ShortSideResize(cfg.min_size, cfg.max_size, "round")
 
     def __call__(self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]]) -> list[Detections]:
@@ -49,7 +50,7 @@ class Detectron2Detector:
                     inst.pred_classes.cpu().numpy(),
                     inst.scores.float().cpu().numpy(),
                     inst.pred_boxes.tensor.float().cpu().numpy(),
-                    COCO_THING_CLASSES,
+                    self.names,
                     self.cfg.score_threshold,
                     self.cfg.max_objects,
                 )
@@ -112,6 +113,8 @@ def load_detectron2(cfg: ObjectsConfig, device: torch.device) -> Detectron2Detec
     class _Checkpointer(DetectionCheckpointer):
         def _log_incompatible_keys(self, keys: Any) -> None:
             incompatible.append(keys)
+            # The checkpoint's mask head is expected to go unused: we built none.
+            keys.unexpected_keys[:] = [k for k in keys.unexpected_keys if not k.startswith("roi_heads.mask_head.")]
             super()._log_incompatible_keys(keys)
 
     try:

@@ -198,3 +198,12 @@ def test_devices():
         assert resolve_device("auto") == CPU
         with pytest.raises(MsvseError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_detectron2_backend_without_detectron2_says_so():
+    import importlib.util
+
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here (its own tests cover the backend)")
+    with pytest.raises(MsvseError, match="detectron2 cannot be imported.*backend: torchvision"):
+        load_objects(ObjectsConfig(backend="detectron2"), CPU)
