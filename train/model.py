@@ -358,6 +358,11 @@ class MsvseModel(nn.Module):
             positions = mask_long.cumsum(1) * mask_long + self._position_offset  # (B, L)
         cache = None
         if prefix is not None:
+            if torch.is_autocast_enabled(ids.device.type):
+                # The gate's softmax runs in float32 under autocast; the layers' own keys
+                # and values are in the autocast dtype, and the cache joins the two.
+                dtype = torch.get_autocast_dtype(ids.device.type)
+                prefix = [(k.to(dtype), v.to(dtype)) for k, v in prefix]
             cache = DynamicCache()
             for layer, (keys, values) in enumerate(prefix):
                 cache.update(keys, values, layer)

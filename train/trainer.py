@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
 
 from msvse.config import to_dict
 from msvse.errors import ConfigError, MsvseError
@@ -305,8 +306,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     o = cfg.optim
     loader = make_loader(data["train"], collator, o.batch_size, shuffle=True, seed=o.seed, workers=o.workers)
     optimizer = make_optimizer(model, cfg)
-    from transformers import get_linear_schedule_with_warmup
-
     total_steps = o.epochs * len(loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(o.warmup_ratio * total_steps), total_steps)
     features = [] if cfg.ablation.text_only else shard_records(list(cfg.data.features))

@@ -19,9 +19,15 @@ from msvse.config import from_dict  # noqa: E402
 from msvse.train import synthetic  # noqa: E402
 from msvse.train.config import TrainConfig  # noqa: E402
 
-# Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine the
-# threads' synchronisation costs more than the work.
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine
+    the threads' synchronisation costs more than the work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,22 @@ def test_loss_falls_over_a_few_steps(parts_for):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_a_step_under_bf16_autocast(parts_for):
+    # The CUDA path trains under bf16 autocast; CPU autocast runs the same dtype logic.
+    parts = parts_for()
+    parts.model.train()
+    optimizer = make_optimizer(parts.model, parts.cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = parts.model(parts.collator(parts.train.items[:4]))
+    assert out.loss.dtype == torch.float32 and math.isfinite(out.loss.item())
+    out.loss.backward()
+    optimizer.step()
+    parts.model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = parts.model.predict(parts.collator(parts.valid.items[:2]))
+    assert [len(r) for r in rows] == [len(it.pieces) for it in parts.valid.items[:2]]
+
+
 ABLATIONS = {
     "full": {},
     "no self-attention": {"self_attention": False},
