@@ -223,7 +223,7 @@ class Visual:
     """What the model sees of one image: grid (or None for zeros), label-word and
     caption sub-word ids (without special tokens)."""
 
-    grid: np.ndarray | None
+    grid: np.ndarray | None  # (G, C) float16, as stored in the shards
     label_ids: list[int]
     caption_ids: list[int]
     has_image: bool
@@ -340,7 +340,8 @@ def _visual(
     partial = False
     grid = None
     if "grid" in kinds:
-        grid = found.grid
+        # Shards store float16: keeping that halves memory and batch copies, losslessly.
+        grid = None if found.grid is None else found.grid.astype(np.float16)
         partial |= grid is None
         if grid is not None and grid_shape is not None and tuple(grid.shape) != tuple(grid_shape):
             raise ConfigError(f"data.features: image {image!r} has a {grid.shape} grid, expected {grid_shape}")
@@ -404,7 +405,7 @@ class Batch:
     joint_types: torch.Tensor | None = None
     joint_index: torch.Tensor | None = None  # (B, T)
     joint_visual: torch.Tensor | None = None  # (B, Lj) bool: caption/label positions (H^v)
-    grid: torch.Tensor | None = None  # (B, G, C)
+    grid: torch.Tensor | None = None  # (B, G, C) float16
     label_ids: torch.Tensor | None = None  # (B, Lo)
     label_mask: torch.Tensor | None = None
     caption_ids: torch.Tensor | None = None  # (B, Ld)
@@ -505,7 +506,7 @@ class Collator:
         batch.has_image = torch.tensor([v.has_image for v in visuals])
         if "grid" in ab.scales:
             assert self.grid_shape is not None
-            grid = np.zeros((len(items), *self.grid_shape), np.float32)
+            grid = np.zeros((len(items), *self.grid_shape), np.float16)
             for i, v in enumerate(visuals):
                 if v.grid is not None:
                     grid[i] = v.grid

@@ -384,7 +384,7 @@ class MsvseModel(nn.Module):
         (B, k_i, d) with its mask; C and D token outputs include their special tokens."""
         feats = {}
         if "grid" in self.scales:
-            grid = self.grid_proj(batch.grid)  # (B, G, d)
+            grid = self.grid_proj(batch.grid.to(self.grid_proj.weight.dtype))  # (B, G, d)
             feats["grid"] = (grid, torch.ones(grid.shape[:2], dtype=torch.bool, device=grid.device))
         if "labels" in self.scales:
             v = self.encode(batch.label_ids, batch.label_mask)  # (B, Lo, d)

@@ -117,7 +117,9 @@ def write_encoder(
     ``family``: ``bert`` (WordPiece) or ``roberta`` (byte-level BPE)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaModel, RobertaTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     folder = Path(folder)
     torch.manual_seed(seed)
     sizes = dict(
