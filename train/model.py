@@ -214,8 +214,9 @@ class DynamicMapping(nn.Module):
 class VisualEntityClassifier(nn.Module):
     """Visual entity classifier, eqs 17-18. L^E in {0,1}^4 over [PER, LOC, ORG, MISC]
     marks the types the post's gold tags contain. One shared MLP classifies each pooled
-    input (V^m of each scale in use and H^v, each a mean over its positions), and L_VE
-    is the sum of the classification losses.
+    input (V^m of each scale in use and H^v, each a mean over its positions; H^v covers
+    whatever the joint input puts before the sentence: caption, labels or both), and
+    L_VE is the sum of the classification losses.
     **Reading:** multi-label, so binary cross-entropy per type (mean over batch and types).
     """
 
@@ -239,6 +240,10 @@ class LabelDecoder(nn.Module):
     (20) Y^H = sum_p H_p T_p with the fixed 0/1 matrices of :func:`task_matrix`.
     (21) L^H_MTD = CRF(Y^H, Y): negative log-likelihood of the gold tags under a CRF over
          the 11 tags, averaged over the batch.
+
+    The CRF runs over [CLS], the first sub-word of each word and the closing [SEP], so
+    the label space's [CLS] and [SEP] tags are the gold tags of those two positions;
+    the other sub-words are left out of the CRF and the loss.
 
     ``multitask=False`` (ablation) keeps only p = 11: a plain CRF on the tags.
     """
