@@ -34,6 +34,7 @@ class Detectron2Detector:
         self.cfg = cfg
         self.names = COCO_THING_CLASSES
         self.preprocess = ShortSideResize(cfg.min_size, cfg.max_size, "round")
+        self.decode_side = cfg.min_size
 
     def __call__(self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]]) -> list[Detections]:
         out = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,30 +74,60 @@ def decode_image(path: Path, *, max_pixels: int, min_side: int = 0) -> Decoded:
     DCT scale that still leaves both sides at least ``min_side`` pixels (the models
     resize further down anyway; it saves most of the decoding time of big photos).
     """
+    return decode_at_sides(path, max_pixels=max_pixels, sides=[min_side])[min_side]
+
+
+def decode_at_sides(path: Path, *, max_pixels: int, sides: Sequence[int]) -> dict[int, Decoded]:
+    """:func:`decode_image` for several ``min_side`` values at once, decoding once per
+    distinct JPEG scale they lead to. Each model asks for its own side, so the pixels it
+    gets never depend on which other models run (a side of 0 means full scale)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise UnreadableImage(f"cannot stat file ({exc.strerror})") from None
     if size == 0:
         raise UnreadableImage("empty file")
+    wanted = sorted(set(sides), reverse=True)
+    opened: list[Image.Image] = []
+    decoded: dict[tuple[int, int], Decoded] = {}
     with _own_pixel_limit():
         try:
-            img = Image.open(path)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise UnreadableImage(f"not a readable image ({_message(exc)})") from None
-        try:
-            decoded = _decode_open(img, max_pixels=max_pixels, min_side=min_side)
-        except UnreadableImage:
-            img.close()
-            raise
-    # An upright RGB image is returned as opened, so it must stay open (Pillow has
-    # already closed the file of a single-frame image once its pixels are loaded).
-    if decoded.image is not img:
-        img.close()
-    return decoded
+            first = _open(path)
+            opened.append(first)
+            original, orientation = _check_header(first, max_pixels)
+            # The scale each side leads to is Pillow's to choose (draft): open the file
+            # once per side, ask, and decode once per distinct resulting size.
+            by_size: dict[tuple[int, int], Image.Image] = {}
+            side_to_size: dict[int, tuple[int, int]] = {}
+            for side in wanted:
+                img = first if not by_size else _open(path)
+                if img is not first:
+                    opened.append(img)
+                if side > 0 and img.format == "JPEG":
+                    img.draft(None, (side, side))
+                side_to_size[side] = img.size
+                by_size.setdefault(img.size, img)
+            for key, img in by_size.items():
+                decoded[key] = Decoded(_pixels(img, orientation), original)
+        finally:
+            # Closing an image drops its pixels: keep those returned as opened (an upright
+            # RGB picture, whose file Pillow closed when it loaded the single frame).
+            kept = {id(d.image) for d in decoded.values()}
+            for img in opened:
+                if id(img) not in kept:
+                    img.close()
+    return {side: decoded[side_to_size[side]] for side in wanted}
 
 
-def _decode_open(img: Image.Image, *, max_pixels: int, min_side: int) -> Decoded:
+def _open(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UnreadableImage(f"not a readable image ({_message(exc)})") from None
+
+
+def _check_header(img: Image.Image, max_pixels: int) -> tuple[tuple[int, int], int]:
+    """The upright (width, height) and the EXIF orientation, from the header alone."""
     width, height = img.size
     if width <= 0 or height <= 0:
         raise UnreadableImage(f"header gives an empty size {width} x {height}")
@@ -107,17 +137,17 @@ def _decode_open(img: Image.Image, *, max_pixels: int, min_side: int) -> Decoded
         orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
     except (OSError, ValueError, SyntaxError, TypeError) as exc:
         raise UnreadableImage(f"unreadable EXIF block ({_message(exc)})") from None
-    original = (height, width) if orientation in QUARTER_TURNS else (width, height)
-    if min_side > 0 and img.format == "JPEG":
-        img.draft(None, (min_side, min_side))
+    return ((height, width) if orientation in QUARTER_TURNS else (width, height)), orientation
+
+
+def _pixels(img: Image.Image, orientation: int) -> Image.Image:
     try:
         img.seek(0)  # the first frame of an animation
         img.load()
         upright = ImageOps.exif_transpose(img) if orientation != 1 else img
-        rgb = to_rgb(upright)
+        return to_rgb(upright)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise UnreadableImage(f"cannot decode pixels ({_message(exc)})") from None
-    return Decoded(rgb, original)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -3,7 +3,8 @@
 Each loader returns a model object with two halves:
 
 - ``preprocess``: a small picklable callable, run in DataLoader workers, that turns a
-  decoded RGB picture into the model's input tensor (resized, still on the CPU);
+  decoded RGB picture into the model's input tensor (resized, still on the CPU), and
+  ``decode_side``, the smallest side it needs a JPEG decoded at;
 - ``__call__``: the forward pass on a batch, on the model's device.
 
 Grid (eq 2): the last convolutional map of a ResNet, ``(B, G, C)`` with G = h x w regions
@@ -163,6 +164,7 @@ class GridModel:
         self.trunk = _frozen(trunk, device)
         self.device = device
         self.preprocess = SquareResize(cfg.image_size)
+        self.decode_side = cfg.image_size  # a JPEG may be decoded this small (both sides)
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self._scale = (1.0 / (255.0 * std), mean / std)
@@ -270,6 +272,7 @@ class TorchvisionDetector:
         self.cfg = cfg
         self.names = COCO_CATEGORIES
         self.preprocess = ShortSideResize(cfg.min_size, cfg.max_size, "floor")
+        self.decode_side = cfg.min_size
 
     def __call__(self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]]) -> list[Detections]:
         out = []
@@ -337,6 +340,7 @@ class Captioner:
         self.device = device
         self.cfg = cfg
         self.preprocess = ProcessorPreprocess(image_processor)
+        self.decode_side = processor_side(image_processor)
         self.max_bytes = caption_bound(tokenizer, cfg.max_new_tokens)
 
     def __call__(self, pixel_values: torch.Tensor) -> list[str]:
@@ -354,6 +358,16 @@ def caption_bound(tokenizer: Any, max_new_tokens: int) -> int:
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
     longest = max((len(t.encode("utf-8")) for t in texts), default=1)
     return (max_new_tokens + 1) * (longest + 1)
+
+
+def processor_side(image_processor: Any) -> int:
+    """The largest side an image processor resizes to, or 0 (full scale) if unknown."""
+    size = getattr(image_processor, "size", None)
+    if hasattr(size, "to_dict"):
+        size = size.to_dict()
+    if isinstance(size, dict):
+        return max((v for v in size.values() if isinstance(v, int)), default=0)
+    return size if isinstance(size, int) else 0
 
 
 def load_caption(cfg: CaptionConfig, device: torch.device) -> Captioner:

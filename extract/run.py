@@ -42,7 +42,7 @@ from .features import (
     check_header,
     partial_path,
 )
-from .images import UnreadableImage, decode_image, list_images
+from .images import UnreadableImage, decode_at_sides, decode_image, list_images
 from .models import autocast, load_kind, resolve_device
 
 MAX_REPORTED = 20  # unreadable images named on the terminal; the run report lists all
@@ -108,13 +108,13 @@ class Row:
 
 class ImageRows(Dataset):
     """Row ``i`` is image ``paths[i]`` decoded and preprocessed for every model; a file
-    that is missing or unreadable yields a row with that status and no inputs."""
+    that is missing or unreadable yields a row with that status and no inputs.
+    ``preprocess`` maps each kind to (its decode side, its preprocessing)."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: dict[str, Any], *, max_pixels: int, min_side: int):
+    def __init__(self, paths: Sequence[Path], preprocess: dict[str, tuple[int, Any]], *, max_pixels: int):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.max_pixels = max_pixels
-        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -123,12 +123,13 @@ class ImageRows(Dataset):
         path = self.paths[index]
         if not path.exists():
             return Row(index, STATUS_MISSING, "file not found")
+        sides = [side for side, _ in self.preprocess.values()]
         try:
-            decoded = decode_image(path, max_pixels=self.max_pixels, min_side=self.min_side)
+            decoded = decode_at_sides(path, max_pixels=self.max_pixels, sides=sides)
         except UnreadableImage as exc:
             return Row(index, STATUS_UNREADABLE, str(exc))
-        inputs = {kind: fn(decoded.image) for kind, fn in self.preprocess.items()}
-        return Row(index, STATUS_OK, "", decoded.original_size, inputs)
+        inputs = {kind: fn(decoded[side].image) for kind, (side, fn) in self.preprocess.items()}
+        return Row(index, STATUS_OK, "", decoded[sides[0]].original_size, inputs)
 
 
 @dataclass
@@ -181,12 +182,8 @@ class Models:
         self.by_kind = {kind: load_kind(kind, config, device) for kind in kinds}
 
     @property
-    def preprocess(self) -> dict[str, Any]:
-        return {kind: m.preprocess for kind, m in self.by_kind.items()}
-
-    @property
-    def min_side(self) -> int:
-        return decode_side(self.config)
+    def preprocess(self) -> dict[str, tuple[int, Any]]:
+        return {kind: (m.decode_side, m.preprocess) for kind, m in self.by_kind.items()}
 
     def layout(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`ShardWriter.create` that depend on the models."""
@@ -234,14 +231,6 @@ class Models:
         return out
 
 
-def decode_side(config: ExtractConfig) -> int:
-    """JPEGs are decoded at the smallest DCT scale that keeps both sides at least this
-    long: the grid and detector input sizes (a caption model's input, BLIP's 384, is
-    smaller). It depends on the config only, never on which kinds a run extracts, so an
-    image decodes to the same pixels in every shard and in :func:`extract_in_memory`."""
-    return max(config.grid.image_size, config.objects.min_size)
-
-
 @functools.lru_cache(maxsize=1)
 def _cached_models(config: ExtractConfig, kinds: tuple[str, ...], device: str) -> Models:
     return Models(config, kinds, resolve_device(device))
@@ -261,7 +250,7 @@ def extract_in_memory(
     """
     models = _cached_models(config, parse_kinds(kinds), device)
     paths = [Path(p) for p in image_paths]
-    dataset = ImageRows(paths, models.preprocess, max_pixels=config.max_pixels, min_side=models.min_side)
+    dataset = ImageRows(paths, models.preprocess, max_pixels=config.max_pixels)
     out: list[ImageFeatures] = []
     for start in range(0, len(paths), config.batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + config.batch_size, len(paths)))])
@@ -308,8 +297,9 @@ def extract(
     killed run (started with the same settings) instead of starting over.
 
     Returns the summary: path, rows, ok, unreadable, missing, written (rows computed by
-    this call), seconds. A report (resolved config, summary, every row that is not ok
-    and why) is written beside the shard as ``OUT.json``.
+    this call), seconds (of which load_seconds went to choosing ids and loading the
+    models). A report (resolved config, summary, every row that is not ok and why) is
+    written beside the shard as ``OUT.json``.
     """
     started = time.monotonic()
     images_dir, out_path = Path(images_dir), Path(out_path)
@@ -326,6 +316,7 @@ def extract(
 
     device = resolve_device(config.device)
     models = Models(config, kinds, device)
+    load_seconds = time.monotonic() - started
     partial = partial_path(out_path)
     if resume and partial.exists():
         _check_same_run(partial, config_dict, kinds, ids, shard_text)
@@ -339,9 +330,7 @@ def extract(
     batches = _pending_batches(writer.status, config.batch_size)
     writer.close()  # reopened after the workers fork: HDF5 handles must not be inherited
 
-    dataset = ImageRows(
-        [images_dir / image for image in ids], models.preprocess, max_pixels=config.max_pixels, min_side=models.min_side
-    )
+    dataset = ImageRows([images_dir / image for image in ids], models.preprocess, max_pixels=config.max_pixels)
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -370,7 +359,7 @@ def extract(
         writer.close()
     if len(reasons) > MAX_REPORTED:
         tqdm.write(f"... and {len(reasons) - MAX_REPORTED} more rows not ok; all are listed in {_report_path(out_path)}")
-    return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config)
+    return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config, load_seconds)
 
 
 def _pending_batches(status: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -426,7 +415,13 @@ def _report_path(out_path: Path) -> Path:
 
 
 def _finish_summary(
-    out_path: Path, written: int, seconds: float, reasons: dict[int, str], images_dir: Path, config: ExtractConfig
+    out_path: Path,
+    written: int,
+    seconds: float,
+    reasons: dict[int, str],
+    images_dir: Path,
+    config: ExtractConfig,
+    load_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Count the finished shard's rows and write its report."""
     import h5py
@@ -456,6 +451,7 @@ def _finish_summary(
         "missing": int((status == STATUS_MISSING).sum()),
         "written": int(written),
         "seconds": round(seconds, 2),
+        "load_seconds": round(load_seconds, 2),  # of which loading the models
     }
     msvse_io.write_resolved_config(_report_path(out_path), "extract", config_dict, kinds=kinds, summary=summary, problems=problems)
     return summary
@@ -474,8 +470,10 @@ def _reason(path: Path, config: ExtractConfig, status: int) -> str:
 def summary_line(summary: dict[str, Any]) -> str:
     """The one line a run ends with."""
     s = summary
-    rate = s["written"] / s["seconds"] if s["seconds"] > 0 else 0.0
+    busy = s["seconds"] - s.get("load_seconds", 0.0)
+    rate = s["written"] / busy if busy > 0 else 0.0
     return (
         f"{s['path']}: {s['rows']} rows ({s['ok']} ok, {s['unreadable']} unreadable, {s['missing']} missing); "
-        f"{s['written']} written in {s['seconds']:.1f} s ({rate:.1f} images/s)"
+        f"{s['written']} written in {s['seconds']:.1f} s ({rate:.1f} images/s after {s.get('load_seconds', 0.0):.1f} s "
+        "loading models)"
     )

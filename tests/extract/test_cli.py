@@ -77,7 +77,7 @@ def test_cli_extracts_and_prints_one_summary_line(tmp_path, photos, params_file)
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"{out}: 8 rows (7 ok, 1 unreadable, 0 missing); 8 written in ")
-    assert last.endswith("images/s)")
+    assert last.endswith("s loading models)") and "images/s after" in last
     with h5py.File(out) as f:
         assert list(f) == ["grid", "ids", "status"]
         assert json.loads(f.attrs["config"])["batch_size"] == 4

@@ -255,3 +255,15 @@ def test_no_images_is_an_error(tmp_path, tiny_config):
         extract(tmp_path / "nope", tmp_path / "x.h5", tiny_config, progress=False)
     with pytest.raises(MsvseError, match="kinds"):
         extract(tmp_path / "empty", tmp_path / "x.h5", tiny_config, "grid,masks", progress=False)
+
+
+def test_a_kinds_features_do_not_depend_on_the_other_kinds(tmp_path, photo_maker, tiny_config):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(2):
+        photo_maker(folder / f"{i}.jpg", i, size=(1000, 800))
+    cfg = dataclasses.replace(tiny_config, grid=dataclasses.replace(tiny_config.grid, image_size=224))
+    alone, together = tmp_path / "alone.h5", tmp_path / "together.h5"
+    extract(folder, alone, cfg, ["grid"], progress=False)
+    extract(folder, together, cfg, ["grid", "objects"], progress=False)  # objects decode at another JPEG scale
+    np.testing.assert_array_equal(read_all(alone)["grid"], read_all(together)["grid"])

@@ -113,3 +113,18 @@ def test_only_visible_image_files_are_ids(photos):
 def test_missing_folder_is_an_error(tmp_path):
     with pytest.raises(MsvseError, match="images folder not found"):
         list_images(tmp_path / "nope")
+
+
+def test_each_side_gets_the_pixels_it_would_get_alone(tmp_path, photo_maker):
+    from msvse.extract.images import decode_at_sides
+
+    big = photo_maker(tmp_path / "big.jpg", 4, size=(1800, 1700))
+    both = decode_at_sides(big, max_pixels=LIMIT, sides=[224, 800])
+    assert min(both[224].image.size) >= 224 and min(both[800].image.size) >= 800
+    assert both[224].image.size < both[800].image.size
+    for side in (224, 800):
+        alone = decode(big, min_side=side).image
+        np.testing.assert_array_equal(np.asarray(both[side].image), np.asarray(alone))
+    small = photo_maker(tmp_path / "small.jpg", 5, size=(300, 200))
+    shared = decode_at_sides(small, max_pixels=LIMIT, sides=[224, 800, 0])
+    assert shared[224] is shared[800] is shared[0]  # no reduced scale possible: one decode
