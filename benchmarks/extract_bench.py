@@ -8,8 +8,8 @@ resizing, the models, batched HDF5 writes), timed from the first batch to the fi
 file, model loading excluded. Forward only is the same models on the same batches,
 decoded and preprocessed beforehand and held in memory. Their ratio is the pipeline's
 overhead ratio (1.0: decoding and writing are entirely hidden behind the models).
-Peak memory is the resident set of this process and of its largest worker, and the
-CUDA allocator's peak on a GPU. Prints a table and one JSON line. Not a test.
+Peak memory is this process's peak resident set, the peak of it plus its workers'
+unique memory (sampled; needs psutil), and the CUDA allocator's peak on a GPU. Prints a table and one JSON line. Not a test.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import platform
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,11 +46,46 @@ def synthetic_photos(folder: Path, n: int, size: tuple[int, int], seed: int = 0)
         img.save(folder / f"{100000 + i}.jpg", quality=88)
 
 
-def peak_rss_mib() -> tuple[float, float]:
-    """Peak resident memory of this process and of its largest finished child, MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return own / 1024, children / 1024  # ru_maxrss is in KiB on Linux
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class TreeMemory:
+    """Samples this process's RSS plus its workers' unique memory (USS: pages a forked
+    worker shares with its parent are not counted twice) and keeps the peak, MiB.
+    Needs psutil; without it the peak is None."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            return
+        me = psutil.Process()
+        self.peak = 0.0
+        while not self._stop.is_set():
+            total = me.memory_info().rss
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_full_info().uss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.peak = max(self.peak, total / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def sync(device: torch.device) -> None:
@@ -102,9 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
             folder = args.images
         images = [folder / name for name in select_ids(folder)]
 
-        summary = extract(folder, tmp / "bench.h5", config, kinds, progress=False)
+        with TreeMemory() as tree:
+            summary = extract(folder, tmp / "bench.h5", config, kinds, progress=False)
         e2e = summary["written"] / (summary["seconds"] - summary["load_seconds"])
-        rss_e2e, rss_workers = peak_rss_mib()
+        rss_e2e = peak_rss_mib()
         models = Models(config, kinds, resolve_device(config.device))
         fwd = forward_only(models, images, config)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if models.device.type == "cuda" else None
@@ -129,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         "forward_only_images_per_s": round(fwd, 2),
         "overhead_ratio": round(e2e / fwd, 3),
         "peak_rss_mib": round(rss_e2e, 1),
-        "peak_worker_rss_mib": round(rss_workers, 1),
+        "peak_with_workers_mib": None if tree.peak is None else round(tree.peak, 1),
         "peak_gpu_mib": None if gpu_peak is None else round(gpu_peak, 1),
         "shard_mib": round(file_mib, 2),
     }
@@ -140,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("end to end", f"{e2e:.2f} images/s"),
         ("forward only", f"{fwd:.2f} images/s"),
         ("overhead ratio", f"{e2e / fwd:.3f}"),
-        ("peak RSS (main / worker)", f"{rss_e2e:.0f} / {rss_workers:.0f} MiB"),
+        ("peak RSS", f"{rss_e2e:.0f} MiB"),
+        ("peak with workers (USS)", "n/a (no psutil)" if tree.peak is None else f"{tree.peak:.0f} MiB"),
     ]
     if gpu_peak is not None:
         rows.append(("peak GPU memory", f"{gpu_peak:.0f} MiB"))

@@ -308,7 +308,7 @@ def extract(
         shard = parse_shard(shard)
     ids = shard_ids(select_ids(images_dir, ids_from), shard)
     shard_text = f"{shard[0]}/{shard[1]}" if shard else ""
-    config_dict = to_dict(config)
+    config_dict = recorded_config(config, kinds)
 
     if resume and out_path.exists() and not partial_path(out_path).exists():
         _check_same_run(out_path, config_dict, kinds, ids, shard_text)
@@ -360,6 +360,13 @@ def extract(
     if len(reasons) > MAX_REPORTED:
         tqdm.write(f"... and {len(reasons) - MAX_REPORTED} more rows not ok; all are listed in {_report_path(out_path)}")
     return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config, load_seconds)
+
+
+def recorded_config(config: ExtractConfig, kinds: Sequence[str]) -> dict[str, Any]:
+    """The config a shard records: the shared settings and the sections of its own
+    kinds (another kind's section does not describe this file, and may change without
+    it being rewritten). ``from_dict(ExtractConfig, ...)`` rebuilds it."""
+    return {key: value for key, value in to_dict(config).items() if key not in KINDS or key in kinds}
 
 
 def _pending_batches(status: np.ndarray, batch_size: int) -> list[list[int]]:

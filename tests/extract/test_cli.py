@@ -15,7 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from msvse.config import load_section
+from msvse.config import from_dict, load_section
 from msvse.extract.cli import main
 from msvse.extract.config import ExtractConfig
 from msvse.extract.features import partial_path
@@ -80,7 +80,9 @@ def test_cli_extracts_and_prints_one_summary_line(tmp_path, photos, params_file)
     assert last.endswith("s loading models)") and "images/s after" in last
     with h5py.File(out) as f:
         assert list(f) == ["grid", "ids", "status"]
-        assert json.loads(f.attrs["config"])["batch_size"] == 4
+        recorded = json.loads(f.attrs["config"])
+        assert recorded["batch_size"] == 4 and "grid" in recorded and "objects" not in recorded and "caption" not in recorded
+        assert from_dict(ExtractConfig, recorded).grid.arch == "resnet18"
 
 
 @pytest.mark.parametrize(
