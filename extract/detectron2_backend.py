@@ -17,7 +17,7 @@ import torch
 from msvse.errors import MsvseError
 
 from .config import ObjectsConfig
-from .models import COCO_THING_CLASSES, TINY_HINT, Detections, ShortSideResize, select_detections
+from .models import COCO_THING_CLASSES, TINY_HINT, Detections, ShortSideResize, autocast, select_detections
 
 
 class Detectron2Detector:
@@ -36,13 +36,26 @@ class Detectron2Detector:
         self.preprocess = ShortSideResize(cfg.min_size, cfg.max_size, "round")
         self.decode_side = cfg.min_size
 
-    def __call__(self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]]) -> list[Detections]:
+    def __call__(
+        self, images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]], precision: str = "off"
+    ) -> list[Detections]:
+        from detectron2.modeling import GeneralizedRCNN
+
+        m = self.model
         out = []
         for image, (width, height) in zip(images, original_sizes):
             x = image.to(self.device, non_blocking=True).float()  # (3, H, W) RGB in 0..255
             if self.bgr:
                 x = x.flip(0)
-            (pred,) = self.model([{"image": x, "height": height, "width": width}])
+            inputs = [{"image": x, "height": height, "width": width}]
+            batch = m.preprocess_image(inputs)  # normalised, padded
+            with autocast(self.device, precision):  # the backbone only, as for torchvision
+                features = m.backbone(batch.tensor)
+            features = {name: f.float() for name, f in features.items()}
+            proposals, _ = m.proposal_generator(batch, features, None)
+            results, _ = m.roi_heads(batch, features, proposals, None)
+            # detectron2 rescales the boxes to the height and width given: original pixels.
+            (pred,) = GeneralizedRCNN._postprocess(results, inputs, batch.image_sizes)
             inst = pred["instances"]
             # detectron2's classes are COCO's 80 used categories; map them into the
             # shared name list so both backends yield the same label strings.

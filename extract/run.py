@@ -203,12 +203,14 @@ class Models:
         n = len(batch.rows)
         ok = [i for i, r in enumerate(batch.rows) if r.status == STATUS_OK]
         out: dict[str, Any] = {}
-        with torch.inference_mode(), autocast(self.device, self.config.autocast):
+        precision = self.config.autocast
+        with torch.inference_mode():
             if "grid" in self.by_kind:
                 model = self.by_kind["grid"]
                 grid = np.zeros((n, *model.shape), np.float32)  # (n, G, C)
                 if ok:
-                    grid[ok] = model(batch.grid)
+                    with autocast(self.device, precision):
+                        grid[ok] = model(batch.grid)
                 out["grid"] = grid
             if "objects" in self.by_kind:
                 k = self.config.objects.max_objects
@@ -217,7 +219,7 @@ class Models:
                 boxes = np.zeros((n, k, 4), np.float32)
                 if ok:
                     sizes = [batch.rows[i].original_size for i in ok]
-                    for i, det in zip(ok, self.by_kind["objects"](batch.objects, sizes)):
+                    for i, det in zip(ok, self.by_kind["objects"](batch.objects, sizes, precision)):
                         labels[i] = det.labels
                         scores[i, : len(det.labels)] = det.scores
                         boxes[i, : len(det.labels)] = det.boxes
@@ -225,7 +227,9 @@ class Models:
             if "caption" in self.by_kind:
                 captions = [""] * n
                 if ok:
-                    for i, text in zip(ok, self.by_kind["caption"](batch.caption)):
+                    with autocast(self.device, precision):
+                        texts = self.by_kind["caption"](batch.caption)
+                    for i, text in zip(ok, texts):
                         captions[i] = text
                 out["captions"] = captions
         return out
