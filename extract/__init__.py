@@ -1,1 +1,7 @@
-"""Stage 1: frozen visual models (ResNet grids, Mask R-CNN labels, captions) into HDF5 shards."""
+"""Stage 1: frozen visual models (ResNet grids, Mask R-CNN labels, captions) into HDF5 shards.
+
+- :func:`msvse.extract.run.extract`: a folder of images into one shard (``msvse-extract``);
+- :func:`msvse.extract.run.extract_in_memory`: features of a few images, no file;
+- :class:`msvse.extract.features.FeatureStore`: reads shards (schema v1), joined by id;
+- :class:`msvse.extract.config.ExtractConfig`: the ``extract`` section of ``params.yaml``.
+"""

@@ -47,6 +47,7 @@ import numpy as np
 
 from msvse import __version__
 from msvse.errors import MsvseError
+from msvse.io import atomic_path
 
 FORMAT = "msvse-features"
 SCHEMA_VERSION = 1
@@ -302,12 +303,7 @@ class ShardWriter:
         self.path = path  # the final path
         self.file = f
         self.kinds: list[str] = json.loads(f.attrs["kinds"])
-        self.config: dict[str, Any] = json.loads(f.attrs["config"])
         self.status: np.ndarray = f["status"][()]
-
-    @property
-    def ids(self) -> list[str]:
-        return _decode(self.file["ids"][()])
 
     @property
     def pending(self) -> np.ndarray:
@@ -328,8 +324,6 @@ class ShardWriter:
         caption_bytes: int = 0,
         attrs: Mapping[str, Any] | None = None,
     ) -> ShardWriter:
-        from msvse.io import atomic_path
-
         path = Path(path)
         n = len(ids)
         with atomic_path(partial_path(path)) as tmp:

@@ -167,7 +167,8 @@ class GridModel:
         self.decode_side = cfg.image_size  # a JPEG may be decoded this small (both sides)
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        self._scale = (1.0 / (255.0 * std), mean / std)
+        # (x / 255 - mean) / std as one multiply-add on the device
+        self.gain, self.offset = 1.0 / (255.0 * std), mean / std
         with torch.inference_mode():
             probe = self.trunk(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
         _, channels, h, w = probe.shape
@@ -175,7 +176,7 @@ class GridModel:
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         x = images.to(self.device, non_blocking=True).float()  # (B, 3, S, S) in 0..255
-        x = x * self._scale[0] - self._scale[1]  # ImageNet normalisation
+        x = x * self.gain - self.offset  # ImageNet normalisation
         fmap = self.trunk(x)  # (B, C, h, w)
         regions = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major regions
         return regions.float().cpu().numpy()

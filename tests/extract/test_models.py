@@ -48,7 +48,7 @@ def test_grid_rows_are_the_map_in_row_major_order(tiny_models):
     x = model.preprocess(picture(2))[None]
     with torch.inference_mode():
         regions = model(x)  # (1, 4, 512)
-        fmap = model.trunk((x.float() * model._scale[0] - model._scale[1]))  # (1, 512, 2, 2)
+        fmap = model.trunk(x.float() * model.gain - model.offset)  # (1, 512, 2, 2)
     np.testing.assert_allclose(regions[0, 1], fmap[0, :, 0, 1].numpy(), rtol=1e-6)  # row 0, column 1
     np.testing.assert_allclose(regions[0, 2], fmap[0, :, 1, 0].numpy(), rtol=1e-6)  # row 1, column 0
 
