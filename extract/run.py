@@ -71,7 +71,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def select_ids(images_dir: Path, ids_from: Sequence[str | Path] = ()) -> list[str]:
+def select_ids(images_dir: Path, ids_from: Sequence[str | Path] | None = None) -> list[str]:
     """Sorted image ids: every image file in ``images_dir``, or, with ``ids_from``, the
     image files the posts of those data sets reference (existing or not)."""
     if not images_dir.is_dir():
@@ -288,7 +288,7 @@ def extract(
     config: ExtractConfig,
     kinds: str | Sequence[str] = KINDS,
     *,
-    ids_from: Sequence[str | Path] = (),
+    ids_from: Sequence[str | Path] | None = None,
     shard: tuple[int, int] | str | None = None,
     resume: bool = False,
     progress: bool = True,
