@@ -24,6 +24,13 @@ def build_resnet(arch: str) -> torchvision.models.ResNet:
         raise ValueError(f"unknown ResNet architecture {arch!r} (known: {', '.join(RESNET_ARCHS)})")
     return getattr(torchvision.models, arch)(weights=None)
 
+def resnet_grid_shape(arch: str, image_size: int) -> tuple[int, int]:
+    """(regions, channels) of a ResNet's last convolutional map on a square input of
+    ``image_size`` pixels: five stride-2 stages, so a side of ceil(image_size / 32)."""
+    side = -(-image_size // 32)
+    return side * side, build_resnet(arch).fc.in_features
+
+
 def build_maskrcnn(arch: str, *, num_classes: int = COCO_NUM_CLASSES, min_size: int = 800, max_size: int = 1333) -> MaskRCNN:
     """A torchvision Mask R-CNN with random weights.
 

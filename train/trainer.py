@@ -366,11 +366,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def paper_size_model(cfg: TrainConfig | None = None) -> MsvseModel:
     """The full model at bert-base-uncased size (``BertConfig()`` defaults, randomly
-    initialised, nothing downloaded) with the ResNet-152 grid (7 x 7 regions of 2048)."""
+    initialised, nothing downloaded) with the grid of stage 1's default ResNet (ResNet-152
+    at 224 px: 7 x 7 regions), so no shard is needed to count."""
     from transformers import BertConfig, BertModel
 
+    from msvse.extract.archs import resnet_grid_shape
+    from msvse.extract.config import GridConfig
+
     cfg = cfg or TrainConfig()
-    grid = (49, 2048)  # ResNet-152 last conv map, the stage-1 default; a shard is not needed to count
+    grid = resnet_grid_shape(GridConfig.arch, GridConfig.image_size)
     return build_model(cfg, BertModel(BertConfig()), grid)
 
 
