@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import click
 import yaml
@@ -34,14 +35,18 @@ def _overrides(pairs: tuple[str, ...]) -> dict[str, object]:
               help="Params file; its `train` section is read.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a key of the train section, e.g. --set optim.epochs=3 --set ablation.prefix=false.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in `output` from its last complete epoch (after a kill or a full disk); "
+                   "with nothing to continue, start from scratch.")
 @click.option("--count-params", is_flag=True,
               help="Print the parameter count of the full model at bert-base-uncased size "
                    "(random init, nothing downloaded; ablations from --params if it exists) and exit.")
 @click.version_option(package_name="msvse")
 @user_errors
-def train_main(params: str, sets: tuple[str, ...], count_params: bool) -> None:
+def train_main(params: str, sets: tuple[str, ...], resume: bool, count_params: bool) -> None:
     """Train MSVSE from the `train` section of a params file; writes the run folder
-    (model/, metrics.json, plots/epochs.csv, predictions/) named by `output`."""
+    (model/, metrics.json, plots/epochs.csv, predictions/) named by `output`.
+    Under torchrun, each process trains one DistributedDataParallel replica."""
     from pathlib import Path
 
     from msvse.train.config import TrainConfig, load_config
@@ -58,7 +63,9 @@ def train_main(params: str, sets: tuple[str, ...], count_params: bool) -> None:
         return
     from msvse.train.trainer import train
 
-    metrics = train(load_config(params, _overrides(sets)))
+    metrics = train(load_config(params, _overrides(sets)), resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, one summary line for the job
     click.echo(
         f"best epoch {metrics['best_epoch']}: dev F1 {100 * metrics['dev']['f1']:.2f}, "
         f"test F1 {100 * metrics['test']['f1']:.2f}"
