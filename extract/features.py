@@ -135,7 +135,9 @@ def check_header(f: h5py.File, path: str) -> list[str]:
     if fmt != FORMAT:
         raise FeatureFileError(f"{path}: not an msvse feature file (format attribute is {fmt!r}, expected {FORMAT!r})")
     version = f.attrs.get("schema_version")
-    if version is None or int(version) != SCHEMA_VERSION:
+    if isinstance(version, np.generic):
+        version = version.item()  # HDF5 gives numpy scalars, whose repr is np.int64(2)
+    if not isinstance(version, int) or version != SCHEMA_VERSION:
         raise FeatureFileError(
             f"{path}: schema_version {version!r} is not supported (this msvse reads {SCHEMA_VERSION}); "
             "re-run msvse-extract with this version"
@@ -172,14 +174,22 @@ def _open(path: str | Path) -> h5py.File:
 class FeatureStore:
     """Read-only view over one or more shards, joined by image id.
 
-    All rows are read into memory when opened: a few hundred MB for the Twitter sets
-    (8,000 images, 49 x 2048 float16 grids); open only the shards a run needs.
+    All rows are read into memory when opened: about 1.6 GB for the Twitter sets
+    (8,000 images, 49 x 2048 float16 grids); open only the shards a run needs. With
+    ``lazy=True`` only ids, status, labels and captions are read then, and each grid is
+    read from its shard when :meth:`get` asks for it (one contiguous read per image;
+    handles are reopened in a forked DataLoader worker): memory no longer grows with
+    the grids, for sets whose grids do not fit in memory.
     """
 
-    def __init__(self, paths: Sequence[str | Path]):
+    def __init__(self, paths: Sequence[str | Path], *, lazy: bool = False):
         if not paths:
             raise FeatureFileError("no feature files given")
         self.paths = [str(p) for p in paths]
+        self.lazy = lazy
+        self._grid_rows: dict[str, tuple[str, int]] = {}  # lazy: image -> (shard, row)
+        self._handles: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
         self._status: dict[str, int] = {}
         self._grid: dict[str, np.ndarray] = {}
         self._labels: dict[str, tuple[str, ...]] = {}
@@ -221,15 +231,20 @@ class FeatureStore:
                     raise FeatureFileError(f"{path}: image {image!r} has unknown status {st}")
                 self._status[image] = max(self._status.get(image, STATUS_OK), int(st))
             if "grid" in kinds:
-                grid = f["grid"][()]
-                if grid.ndim != 3 or grid.shape[0] != len(ids):
-                    raise FeatureFileError(f"{path}: 'grid' has shape {grid.shape}, expected ({len(ids)}, G, C)")
-                if self.grid_shape is not None and grid.shape[1:] != self.grid_shape:
-                    raise FeatureFileError(f"{path}: grid shape {grid.shape[1:]} differs from {self.grid_shape} in another shard")
-                self.grid_shape = tuple(grid.shape[1:])
-                for image, row in zip(ids, grid):
-                    self._claim("grid", image, path)
-                    self._grid[image] = row
+                shape = f["grid"].shape
+                if len(shape) != 3 or shape[0] != len(ids):
+                    raise FeatureFileError(f"{path}: 'grid' has shape {shape}, expected ({len(ids)}, G, C)")
+                if self.grid_shape is not None and shape[1:] != self.grid_shape:
+                    raise FeatureFileError(f"{path}: grid shape {shape[1:]} differs from {self.grid_shape} in another shard")
+                self.grid_shape = tuple(shape[1:])
+                if self.lazy:
+                    for index, image in enumerate(ids):
+                        self._claim("grid", image, path)
+                        self._grid_rows[image] = (path, index)
+                else:
+                    for image, row in zip(ids, f["grid"][()]):
+                        self._claim("grid", image, path)
+                        self._grid[image] = row
             if "objects" in kinds:
                 labels = f["objects/labels"][()]
                 scores = f["objects/scores"][()] if "objects/scores" in f else np.zeros(labels.shape, np.float32)
@@ -259,7 +274,7 @@ class FeatureStore:
         status = self._status[image]
         if status != STATUS_OK:
             return ImageFeatures(image, status)
-        grid = self._grid.get(image)
+        grid = self._read_grid(image) if self.lazy else self._grid.get(image)
         return ImageFeatures(
             image,
             status,
@@ -268,6 +283,24 @@ class FeatureStore:
             scores=self._scores.get(image),
             caption=self._caption.get(image),
         )
+
+
+    def _read_grid(self, image: str) -> np.ndarray | None:
+        where = self._grid_rows.get(image)
+        if where is None:
+            return None
+        if self._pid != os.getpid():  # a forked worker: the parent's HDF5 handles are not ours
+            self._handles, self._pid = {}, os.getpid()
+        path, row = where
+        if path not in self._handles:
+            self._handles[path] = _open(path)
+        return self._handles[path]["grid"][row]
+
+    def close(self) -> None:
+        """Close the shards a lazy store holds open (reopened if used again)."""
+        for f in self._handles.values():
+            f.close()
+        self._handles = {}
 
 
 def partial_path(path: str | Path) -> Path:
@@ -350,7 +383,7 @@ class ShardWriter:
         path = Path(path)
         partial = partial_path(path)
         try:
-            f = h5py.File(partial, "r+")
+            f = _open_unbuffered(partial)
         except OSError as exc:
             raise FeatureFileError(f"{partial}: cannot reopen the unfinished shard ({exc})") from None
         try:
@@ -409,6 +442,17 @@ class ShardWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def _open_unbuffered(path: Path) -> h5py.File:
+    """Open for writing with HDF5's sieve buffer off. With it on, a dataset's last
+    write may wait in the buffer until the dataset handle closes, and a failure then
+    (a full disk) is only printed, not raised: the status written after it would mark
+    rows done whose features never reached the file. Off, every write goes straight
+    to the file and a failure raises in :meth:`ShardWriter.write_rows`."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_sieve_buf_size(0)
+    return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl=fapl))
 
 
 def _allocate(f: h5py.File, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:

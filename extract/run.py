@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -328,9 +329,12 @@ def extract(
     else:
         if partial.exists():
             partial.unlink()
-        writer = ShardWriter.create(
-            out_path, ids, kinds=kinds, config=config_dict, attrs={"shard": shard_text}, **models.layout()
-        )
+        try:
+            writer = ShardWriter.create(
+                out_path, ids, kinds=kinds, config=config_dict, attrs={"shard": shard_text}, **models.layout()
+            )
+        except OSError as exc:
+            raise FeatureFileError(f"{partial}: cannot create the shard ({_os_reason(exc)}); make room and run again") from None
     batches = _pending_batches(writer.status, config.batch_size)
     writer.close()  # reopened after the workers fork: HDF5 handles must not be inherited
 
@@ -350,7 +354,10 @@ def extract(
         with tqdm(total=sum(len(b) for b in batches), unit="img", desc=out_path.name, disable=not progress) as bar:
             for batch in iterator:
                 feats = models.run(batch)
-                writer.write_rows(batch.rows[0].index, [r.status for r in batch.rows], **feats)
+                try:
+                    writer.write_rows(batch.rows[0].index, [r.status for r in batch.rows], **feats)
+                except OSError as exc:
+                    raise _write_error(partial, writer, batch, exc) from None
                 for r in batch.rows:
                     if r.status != STATUS_OK:
                         reasons[r.index] = r.reason
@@ -358,12 +365,35 @@ def extract(
                             bar.write(f"{ids[r.index]}: {STATUS_NAMES[r.status]}: {r.reason}")
                 written += len(batch.rows)
                 bar.update(len(batch.rows))
-        writer.finish()
+        try:
+            writer.finish()
+        except OSError as exc:
+            raise FeatureFileError(
+                f"{partial}: every row is written but the file cannot be closed and renamed ({_os_reason(exc)}); "
+                "make room, then rerun with --resume"
+            ) from None
     finally:
         writer.close()
     if len(reasons) > MAX_REPORTED:
         tqdm.write(f"... and {len(reasons) - MAX_REPORTED} more rows not ok; all are listed in {_report_path(out_path)}")
     return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config, load_seconds)
+
+
+def _os_reason(exc: OSError) -> str:
+    # h5py puts HDF5's whole error stack in the message; the errno says it in a few words.
+    return os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
+
+
+def _write_error(partial: Path, writer: ShardWriter, batch: Batch, exc: OSError) -> FeatureFileError:
+    """A batch that could not be written (a full disk): its rows stay pending, the rows
+    before it are kept, and ``--resume`` carries on from there."""
+    first, last = batch.rows[0].index, batch.rows[-1].index
+    done = int((writer.status >= 0).sum())
+    size = partial.stat().st_size / 2**20 if partial.exists() else 0.0
+    return FeatureFileError(
+        f"{partial}: cannot write rows {first}-{last} ({_os_reason(exc)}); the {done} of {len(writer.status)} rows "
+        f"written before are kept. Make room (the finished file takes {size:.1f} MiB), then rerun with --resume"
+    )
 
 
 def recorded_config(config: ExtractConfig, kinds: Sequence[str]) -> dict[str, Any]:
@@ -464,7 +494,14 @@ def _finish_summary(
         "seconds": round(seconds, 2),
         "load_seconds": round(load_seconds, 2),  # of which loading the models
     }
-    msvse_io.write_resolved_config(_report_path(out_path), "extract", config_dict, kinds=kinds, summary=summary, problems=problems)
+    report = _report_path(out_path)
+    try:
+        msvse_io.write_resolved_config(report, "extract", config_dict, kinds=kinds, summary=summary, problems=problems)
+    except OSError as exc:
+        raise FeatureFileError(
+            f"{report}: cannot write the run report ({_os_reason(exc)}); {out_path} itself is complete: "
+            "make room, then rerun with --resume to write the report"
+        ) from None
     return summary
 
 
