@@ -23,7 +23,7 @@ PARAMS_OPTION = click.option(
 @click.group()
 @click.version_option(package_name="msvse")
 def main() -> None:
-    """Stage 0 of the pipeline: the demo data set and the tiny offline models."""
+    """Pipeline glue: the demo data set, the tiny offline models, the data check and the report."""
 
 
 @main.command("demo")
@@ -55,3 +55,29 @@ def tiny_models_cmd(params_path: str) -> None:
     cfg = load_section(params_path, "tiny", TinyConfig)
     files = build_tiny_models(cfg)
     click.echo(f"tiny models in {cfg.out_dir}: " + ", ".join(files))
+
+
+@main.command("report")
+@PARAMS_OPTION
+@user_errors
+def report_cmd(params_path: str) -> None:
+    """Draw a training run's learning curves and per-type F1 (section `report`): PNGs,
+    per-type CSVs for dvc plots, and scores.json (percent) for dvc metrics."""
+    from msvse.pipeline.report import ReportConfig, format_summary, write_report
+
+    cfg = load_section(params_path, "report", ReportConfig)
+    scores = write_report(cfg)
+    click.echo(f"report of {cfg.run} in {cfg.out_dir} (F1, %):\n{format_summary(scores)}")
+
+
+@main.command("check-data")
+@PARAMS_OPTION
+@user_errors
+def check_data_cmd(params_path: str) -> None:
+    """Check that a real data set is in place (section `data`): the three text files and
+    the images; writes <data.features>/data_check.json, or says what is missing and where
+    to put it."""
+    from msvse.pipeline.check import DataConfig, check_data, summary_line
+
+    cfg = load_section(params_path, "data", DataConfig)
+    click.echo(summary_line(check_data(cfg)))

@@ -1,0 +1,115 @@
+"""The paper's pipelines (pipelines/twitter2015, pipelines/twitter2017): typed params
+that load, settings that match the paper and configs/, and a first stage that says
+where the data should be when it is not there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from msvse.config import load_section
+from msvse.extract.config import ExtractConfig
+from msvse.pipeline.check import DataConfig, check_data
+from msvse.pipeline.cli import main
+from msvse.pipeline.report import ReportConfig
+from msvse.train.config import TrainConfig
+
+from .conftest import REPO, dvc
+
+PRESETS = {"twitter2015": 3e-5, "twitter2017": 4e-5}  # Table 6's best learning rates
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_params_load_and_hold_the_papers_settings(name):
+    params = REPO / "pipelines" / name / "params.yaml"
+    data = load_section(params, "data", DataConfig)
+    extract = load_section(params, "extract", ExtractConfig)
+    train = load_section(params, "train", TrainConfig)
+    report = load_section(params, "report", ReportConfig)
+
+    assert (extract.grid.arch, extract.grid.weights) == ("resnet152", "imagenet")
+    assert (extract.objects.arch, extract.objects.weights) == ("maskrcnn_resnet50_fpn_v2", "coco")
+    assert extract.caption.model == "Salesforce/blip-image-captioning-base"
+    assert train.model.encoder == "bert-base-uncased"
+    assert (train.optim.epochs, train.optim.batch_size) == (30, 32)
+    assert train.optim.lr_encoder == train.optim.lr_heads == PRESETS[name]
+    assert train.ablation == type(train.ablation)()  # every module on
+
+    # One data set, named consistently across the sections.
+    assert {s: getattr(train.data, s) for s in ("train", "valid", "test")} == {
+        s: str(p) for s, p in data.split_paths().items()
+    }
+    assert all(Path(f).parent == Path(data.features) for f in train.data.features)
+    assert report.run == train.output
+
+    # The same training settings as configs/<name>.yaml (used with msvse-train by hand),
+    # up to the paths, which are relative to the pipeline's folder here.
+    by_hand = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())["train"]
+    here = yaml.safe_load(params.read_text())["train"]
+    for section in ("model", "ablation", "optim"):
+        assert here[section] == by_hand[section], section
+
+
+def test_missing_data_is_named_with_where_to_put_it(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"name": "Twitter-2015", "dir": str(tmp_path / "t15"),
+                                               "images": str(tmp_path / "t15" / "images"),
+                                               "features": str(tmp_path / "f")}}))
+    result = CliRunner().invoke(main, ["check-data", "--params", str(params)])
+    assert result.exit_code == 2
+    message = result.output
+    assert "Twitter-2015 is not in place" in message
+    assert "train.txt, valid.txt, test.txt in " + str(tmp_path / "t15") in message
+    assert "images folder " + str(tmp_path / "t15" / "images") in message
+    assert "Traceback" not in message
+    assert not (tmp_path / "f").exists()
+
+
+def _posts(ids):
+    return "".join(f"IMGID:{i}\nKobe\tB-PER\nrocks\tO\n\n" for i in ids)
+
+
+def test_check_counts_missing_images_and_rejects_the_wrong_folder(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    for split, ids in (("train", [1, 2, 3, 4]), ("valid", [5]), ("test", [6])):
+        (root / f"{split}.txt").write_text(_posts(ids))
+    cfg = DataConfig(name="T", dir=str(root), images=str(root / "images"), features=str(tmp_path / "f"))
+    with pytest.raises(Exception, match=r"none of the 6 images .* Put the T images"):
+        check_data(cfg)
+    for i in (1, 2, 3, 4, 5):
+        (root / "images" / f"{i}.jpg").write_bytes(b"x")
+    with pytest.raises(Exception, match=r"1 of the 6 images .*max_missing_rate"):
+        check_data(cfg)
+    relaxed = DataConfig(**{**cfg.__dict__, "max_missing_rate": 0.2})
+    report = check_data(relaxed)
+    assert report["images"] == {"referenced": 6, "found": 5, "missing": 1, "missing_examples": ["6.jpg"]}
+    assert report["splits"]["train"]["posts"] == 4 and report["splits"]["test"]["PER"] == 1
+    written = (tmp_path / "f" / "data_check.json").read_bytes()
+    check_data(relaxed)
+    assert (tmp_path / "f" / "data_check.json").read_bytes() == written  # no timestamp: DVC sees no change
+    assert json.loads(written)["images"]["found"] == 5
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_dvc_repro_without_the_data_stops_at_the_check(tmp_path, name):
+    project = tmp_path / "repo"
+    pipe = project / "pipelines" / name
+    pipe.mkdir(parents=True)
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / "pipelines" / name / f, pipe / f)
+    for code in ("pipeline", "extract", "train"):
+        shutil.copytree(REPO / code, project / code, ignore=shutil.ignore_patterns("__pycache__"))
+    dvc(pipe, "init", "--no-scm", "-q")  # the folder is a DVC project of its own, as in the repository
+    result = dvc(pipe, "repro", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Running stage 'check_data'" in output and "Running stage 'extract" not in output
+    where = (project / "data" / name).resolve()
+    assert f"train.txt, valid.txt, test.txt in {where}" in output
+    assert f"images folder {where / 'images'}" in output
