@@ -156,7 +156,7 @@ def draw_learning_curves(epochs: list[dict[str, float]], best_epoch: int | None,
     ax_loss.plot(x, loss, marker="o", color="tab:red")
     if min(loss) > 0 and max(loss) / min(loss) > 20:
         ax_loss.set_yscale("log")  # the first epoch's loss would flatten the rest
-    ax_loss.set(title="train loss (sum of eq 25's terms, per post)", xlabel="epoch", ylabel="loss")
+    ax_loss.set(title="train loss (eq 25), epoch mean", xlabel="epoch", ylabel="loss")
     for key, style in (("dev_f1", "-o"), ("dev_precision", "--"), ("dev_recall", ":")):
         ax_dev.plot(x, [100 * r[key] for r in epochs], style, label=key.replace("dev_", ""))
     ax_dev.set(title="dev scores per epoch", xlabel="epoch", ylabel="%", ylim=(0, 100))

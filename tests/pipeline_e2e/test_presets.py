@@ -113,3 +113,20 @@ def test_dvc_repro_without_the_data_stops_at_the_check(tmp_path, name):
     where = (project / "data" / name).resolve()
     assert f"train.txt, valid.txt, test.txt in {where}" in output
     assert f"images folder {where / 'images'}" in output
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in tree.items():
+        out |= _keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return out
+
+
+@pytest.mark.parametrize("params", ["params.yaml", "pipelines/twitter2015/params.yaml", "pipelines/twitter2017/params.yaml"])
+def test_every_setting_is_spelt_out_so_dvc_exp_can_set_it(params):
+    # `dvc exp run -S train.optim.seed=1` only sets a key that the file already has.
+    from msvse.config import to_dict
+
+    data = yaml.safe_load((REPO / params).read_text())
+    for section, cls in (("extract", ExtractConfig), ("train", TrainConfig), ("report", ReportConfig)):
+        assert _keys(data[section]) == _keys(to_dict(cls())), section
