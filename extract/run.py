@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -333,7 +334,7 @@ def extract(
             writer = ShardWriter.create(
                 out_path, ids, kinds=kinds, config=config_dict, attrs={"shard": shard_text}, **models.layout()
             )
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError when closing fails
             raise FeatureFileError(f"{partial}: cannot create the shard ({_os_reason(exc)}); make room and run again") from None
     batches = _pending_batches(writer.status, config.batch_size)
     writer.close()  # reopened after the workers fork: HDF5 handles must not be inherited
@@ -367,7 +368,7 @@ def extract(
                 bar.update(len(batch.rows))
         try:
             writer.finish()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             raise FeatureFileError(
                 f"{partial}: every row is written but the file cannot be closed and renamed ({_os_reason(exc)}); "
                 "make room, then rerun with --resume"
@@ -379,9 +380,12 @@ def extract(
     return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config, load_seconds)
 
 
-def _os_reason(exc: OSError) -> str:
+def _os_reason(exc: Exception) -> str:
     # h5py puts HDF5's whole error stack in the message; the errno says it in a few words.
-    return os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
+    if getattr(exc, "errno", None):
+        return os.strerror(exc.errno)
+    found = re.search(r"error message = '([^']+)'", str(exc))
+    return found.group(1) if found else str(exc).strip().splitlines()[0]
 
 
 def _write_error(partial: Path, writer: ShardWriter, batch: Batch, exc: OSError) -> FeatureFileError:

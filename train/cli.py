@@ -64,7 +64,7 @@ def train_main(params: str, sets: tuple[str, ...], resume: bool, count_params: b
     from msvse.train.trainer import train
 
     metrics = train(load_config(params, _overrides(sets)), resume=resume)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return  # under torchrun, one summary line for the job
     click.echo(
         f"best epoch {metrics['best_epoch']}: dev F1 {100 * metrics['dev']['f1']:.2f}, "

@@ -460,7 +460,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     processes, device = setup_distributed(cfg.optim.device)
     level = log.level
     if not processes.main:
-        log.setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0
+        log.setLevel(logging.ERROR)  # one copy of the progress lines and warnings: rank 0 sees the same data
     try:
         return _train(cfg, processes, device, resume)
     finally:

@@ -86,13 +86,15 @@ def _resume_elsewhere(partial: Path, images: Path, params: Path, tmp_path: Path,
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs (needs root and mount; skipped elsewhere): a real full disk."""
+def small_disk(tmp_path, request):
+    """A tmpfs of ``request.param`` bytes (needs root and mount; skipped elsewhere): a
+    real full disk."""
     folder = tmp_path / "small_disk"
     folder.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", f"msvse-test-{uuid.uuid4().hex[:8]}", str(folder)],
+    name = f"msvse-test-{uuid.uuid4().hex[:8]}"
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", name, str(folder)],
                              capture_output=True, text=True)  # fmt: skip
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
@@ -103,6 +105,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("small_disk", [64 * 1024], indirect=True)
 def test_extraction_onto_a_disk_that_fills_up(small_disk, grid_setup, tmp_path, tools):
     """The shard (30 rows of 4 x 512 float16 and their ids: about 130 KB) cannot fit in
     64 KiB. HDF5 would otherwise hold a failed write back and only print the error
@@ -119,6 +122,16 @@ def test_extraction_onto_a_disk_that_fills_up(small_disk, grid_setup, tmp_path, 
     done = _check_partial(partial_path(out), straight)
     assert 0 < done < N_IMAGES
     _resume_elsewhere(partial_path(out), images, params, tmp_path, straight)
+
+
+@pytest.mark.parametrize("small_disk", [8 * 1024], indirect=True)
+def test_a_disk_too_full_to_create_the_shard(small_disk, grid_setup, tools):
+    images, params, _ = grid_setup
+    out = small_disk / "grid.h5"
+    result = tools.run([str(tools.bin / "msvse-extract"), str(images), str(out), "--params", str(params), "--kinds", "grid"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == f"Error: {partial_path(out)}: cannot create the shard (No space left on device); make room and run again"
+    assert not list(small_disk.iterdir()), "no partial or temporary file is left"
 
 
 def test_a_write_failing_mid_run_leaves_a_resumable_partial(grid_setup, tmp_path, monkeypatch):
