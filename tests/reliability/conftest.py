@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from msvse.train import synthetic  # noqa: E402
@@ -35,6 +36,18 @@ def script(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Runs in this process (fixtures included) set optim.threads; later tests, which
+    compare in-process and child-process results bit for bit, must find torch's thread
+    count as it was before this folder's tests."""
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @dataclass
