@@ -533,8 +533,8 @@ def _train(cfg: TrainConfig, processes: Distributed, device: torch.device, resum
         log.info("nothing to resume in %s; starting from scratch", resume_dir)
     net = model
     if processes.world > 1:
-        # Unused parameters (the encoder's pooler, a scale an item lacks) get no
-        # gradient; DDP must be told to expect them.
+        # Some parameters get no gradient (the encoder's pooler: no loss reads its
+        # output); DDP must be told to expect them.
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
