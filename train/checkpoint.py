@@ -212,18 +212,24 @@ def load_checkpoint(folder: str | Path, device: str = "cpu") -> Checkpoint:
         raise CheckpointError(f"{folder / 'tokenizer'}: not a readable tokenizer ({_reason(exc)})") from None
     grid_shape = tuple(info["grid_shape"]) if info.get("grid_shape") else None
     model = build_model(config, encoder, grid_shape)
+    load_weights(model, folder / "model.safetensors", "the model its config describes")
+    model.to(device).eval()
+    return Checkpoint(model=model, tokenizer=tokenizer, config=config, info=info, features=features)
+
+
+def load_weights(model: torch.nn.Module, path: Path, what: str, device: str = "cpu") -> None:
+    """Load a safetensors file into ``model``; an unreadable file, or weights that do
+    not fit ``what``, is a :class:`CheckpointError` naming the file."""
     try:
-        missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+        missing, unexpected = load_model(model, str(path), strict=False, device=device)
     except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"{folder / 'model.safetensors'}: not a readable safetensors file ({_reason(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(exc)})") from None
     if missing or unexpected:
         names = (list(missing) + list(unexpected))[:3]
         raise CheckpointError(
-            f"{folder / 'model.safetensors'}: weights do not fit the model its config describes "
+            f"{path}: weights do not fit {what} "
             f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {', '.join(names)})"
         )
-    model.to(device).eval()
-    return Checkpoint(model=model, tokenizer=tokenizer, config=config, info=info, features=features)
 
 
 # --------------------------------------------------------------------------- resume state
@@ -248,17 +254,7 @@ class ResumeState:
         """Put the weights, the optimizer, the scheduler and this rank's RNGs back as
         they were when the state was written. The RNGs go last: building the objects
         above may draw from them."""
-        weights = self.folder / "model.safetensors"
-        try:
-            missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
-        except (OSError, SafetensorError) as exc:
-            raise CheckpointError(f"{weights}: not a readable safetensors file ({_reason(exc)})") from None
-        if missing or unexpected:
-            names = (list(missing) + list(unexpected))[:3]
-            raise CheckpointError(
-                f"{weights}: weights do not fit this run's model ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected, e.g. {', '.join(names)})"
-            )
+        load_weights(model, self.folder / "model.safetensors", "this run's model", device=str(device))
         for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
             try:
                 target.load_state_dict(_attach(self.info[name], self.tensors, self.folder))
