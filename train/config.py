@@ -93,6 +93,10 @@ class Ablation:
         return tuple(s for s in ("grid", "labels", "caption") if s in self.prefix_scales)
 
     @property
+    def uses_prefix(self) -> bool:
+        return not self.text_only and self.prefix
+
+    @property
     def uses_labels(self) -> bool:
         return not self.text_only and ("labels" in self.prefix_scales or "labels" in self.joint_input)
 

@@ -11,7 +11,8 @@
     L = L^s_MTD + L^m_MTD + L_KL + L_VE                        eq 25
 
 ``BERT`` is one shared encoder: any BERT-family model loaded through ``AutoModel``
-whose attention takes ``past_key_values`` (BERT, RoBERTa, XLM-R, ...). Every size comes
+whose attention takes a key/value cache (BERT, RoBERTa, XLM-R, ...; see
+:func:`cache_argument` and :func:`check_prefix`). Every size comes
 from its config (``hidden_size`` d, ``num_attention_heads`` h, ``num_hidden_layers`` l)
 or from the feature shards (grid G x C); z, k_o and k_d from the train config.
 Where the spec marks a **Reading**, the block's docstring states it.
@@ -19,6 +20,7 @@ Where the spec marks a **Reading**, the block's docstring states it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -100,6 +102,80 @@ def encoder_limit(encoder: nn.Module) -> int:
     """The longest sequence the encoder's position embeddings cover."""
     offset = position_offset(encoder)
     return encoder.config.max_position_embeddings - (0 if offset is None else offset + 1)
+
+
+def cache_argument(encoder: nn.Module) -> str | None:
+    """The keyword under which ``encoder.forward`` takes a key/value cache: ``cache``
+    (transformers 5.24 renamed it and warns on the old name), else ``past_key_values``
+    (earlier 5.x); None when it takes neither. Read from the signature once per encoder."""
+    params = inspect.signature(encoder.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def encoder_forward(
+    encoder: nn.Module,
+    cache_arg: str | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    types: torch.Tensor,
+    positions: torch.Tensor,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> torch.Tensor:
+    """Token outputs (B, L, d) of ``encoder``; with ``prefix`` (one (keys, values) pair
+    per layer, each (B, h, z, d_u)) in a ``DynamicCache`` under ``cache_arg``, and the
+    attention mask extended by z ones in front."""
+    extra = {}
+    if prefix is not None:
+        assert cache_arg is not None, "a prefix needs an encoder that takes a cache"
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(prefix):
+            cache.update(keys, values, layer)
+        extra[cache_arg] = cache
+        mask = torch.cat([mask.new_ones(ids.shape[0], prefix[0][0].shape[2]), mask], 1)
+    out = encoder(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=positions, use_cache=False, **extra)
+    return out.last_hidden_state
+
+
+def check_prefix(encoder: nn.Module) -> str:
+    """The encoder's cache keyword (:func:`cache_argument`), after checking that a prefix
+    reaches its attention: a 4-token forward with a small non-zero one-feature prefix in
+    every layer must differ from the same forward without it. Costs two short forwards,
+    even for bert-base. Raises ValueError naming the class and the transformers version
+    when the encoder takes no cache or ignores the one it is given."""
+    import transformers
+
+    name = f"{type(encoder).__name__} (transformers {transformers.__version__})"
+    cache_arg = cache_argument(encoder)
+    if cache_arg is None:
+        raise ValueError(f"{name} takes no key/value cache (neither `cache` nor `past_key_values`), which the visual prefix needs")
+    cfg = encoder.config
+    heads = cfg.num_attention_heads
+    head_size = cfg.hidden_size // heads
+    param = next(encoder.parameters())
+    ids = torch.full((1, 4), 1, dtype=torch.long, device=param.device)  # (1, 4)
+    mask = torch.ones_like(ids)
+    offset = position_offset(encoder)
+    positions = torch.arange(4, device=ids.device)[None] + (0 if offset is None else offset + 1)
+    gen = torch.Generator().manual_seed(0)
+    kv = (0.5 * torch.randn(1, heads, 1, head_size, generator=gen)).to(param.device, param.dtype)  # (1, h, 1, d_u)
+    prefix = [(kv, kv) for _ in range(cfg.num_hidden_layers)]
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            plain = encoder_forward(encoder, cache_arg, ids, mask, torch.zeros_like(ids), positions, None)
+            with_prefix = encoder_forward(encoder, cache_arg, ids, mask, torch.zeros_like(ids), positions, prefix)
+    finally:
+        encoder.train(was_training)
+    if torch.allclose(plain, with_prefix):
+        raise ValueError(
+            f"{name} ignores prefixes: its output is the same with and without keys and values in its "
+            f"`{cache_arg}` argument, so the visual prefix could not reach it"
+        )
+    return cache_arg
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -288,7 +364,7 @@ class MsvseModel(nn.Module):
     eqs 15-16, the classifier of eqs 17-18 and the decoder of eqs 19-23; loss eq 25.
 
     Args:
-        encoder: the ``AutoModel`` encoder (BERT family, attention taking ``past_key_values``).
+        encoder: the ``AutoModel`` encoder (BERT family, attention taking a key/value cache).
         ablation: which blocks are on (see :class:`~msvse.train.config.Ablation`).
         grid_shape: (G, C) of the grid features; needed when the grid scale is used.
         prefix_length: z.
@@ -315,6 +391,9 @@ class MsvseModel(nn.Module):
         self.z = prefix_length
         self.d = d
         self._position_offset = position_offset(encoder)
+        self._cache_arg = cache_argument(encoder)  # decided once per encoder, not per call
+        if self._cache_arg is None and ablation.uses_prefix:
+            raise ValueError(f"{type(encoder).__name__} takes no key/value cache, which the visual prefix needs")
         self._typed = getattr(cfg, "type_vocab_size", 1) > 1
         self.dropout = nn.Dropout(dropout)
         self.decoder = LabelDecoder(d, ablation.multitask_decoder)
@@ -361,26 +440,13 @@ class MsvseModel(nn.Module):
             positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)  # (B, L)
         else:
             positions = mask_long.cumsum(1) * mask_long + self._position_offset  # (B, L)
-        cache = None
-        if prefix is not None:
-            if torch.is_autocast_enabled(ids.device.type):
-                # The gate's softmax runs in float32 under autocast; the layers' own keys
-                # and values are in the autocast dtype, and the cache joins the two.
-                dtype = torch.get_autocast_dtype(ids.device.type)
-                prefix = [(k.to(dtype), v.to(dtype)) for k, v in prefix]
-            cache = DynamicCache()
-            for layer, (keys, values) in enumerate(prefix):
-                cache.update(keys, values, layer)
-            mask_long = torch.cat([mask_long.new_ones(ids.shape[0], prefix[0][0].shape[2]), mask_long], 1)
-        out = self.encoder(
-            input_ids=ids,
-            attention_mask=mask_long,
-            token_type_ids=types if (types is not None and self._typed) else torch.zeros_like(ids),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=False,
-        )
-        return out.last_hidden_state
+        if prefix is not None and torch.is_autocast_enabled(ids.device.type):
+            # The gate's softmax runs in float32 under autocast; the layers' own keys
+            # and values are in the autocast dtype, and the cache joins the two.
+            dtype = torch.get_autocast_dtype(ids.device.type)
+            prefix = [(k.to(dtype), v.to(dtype)) for k, v in prefix]
+        types = types if (types is not None and self._typed) else torch.zeros_like(ids)
+        return encoder_forward(self.encoder, self._cache_arg, ids, mask_long, types, positions, prefix)
 
     # -- eqs 5-7
 

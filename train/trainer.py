@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import inspect
 import io
 import logging
 import math
@@ -75,7 +74,7 @@ from msvse.train.checkpoint import (
 from msvse.train.config import TrainConfig
 from msvse.train.data import TAG_INDEX, TAG_LABELS, Collator, PostDataset, TextEncoder, build_dataset, check_kinds, reassemble
 from msvse.train.metrics import format_scores, score
-from msvse.train.model import MsvseModel, build_model, encoder_limit
+from msvse.train.model import MsvseModel, build_model, check_prefix, encoder_limit
 from msvse.twitter import format_posts, read_posts
 
 log = logging.getLogger("msvse.train")
@@ -193,10 +192,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_encoder(name: str, key: str = "model.encoder") -> tuple[Any, torch.nn.Module]:
+def load_encoder(name: str, key: str = "model.encoder", *, prefix: bool = True) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and ``AutoModel`` encoder from a Hugging Face name or a local
     ``save_pretrained`` directory. A load that cannot reach the weights is a
-    :class:`ConfigError` naming the model and how to point at a local copy."""
+    :class:`ConfigError` naming the model and how to point at a local copy. With
+    ``prefix`` (a model with a visual prefix), the encoder must be seen to attend to
+    one (:func:`~msvse.train.model.check_prefix`), else a ConfigError says why."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -215,10 +216,13 @@ def load_encoder(name: str, key: str = "model.encoder") -> tuple[Any, torch.nn.M
             f"reachable from here or a local directory written by save_pretrained: point {key} at a local "
             "copy (e.g. models/tiny/bert for the demo)"
         ) from None
-    if "past_key_values" not in inspect.signature(encoder.forward).parameters:
-        raise ConfigError(f"{key}: {type(encoder).__name__} takes no past_key_values, which the visual prefix needs")
     if getattr(encoder.config, "is_decoder", False):
         raise ConfigError(f"{key}: {name!r} is configured as a decoder; MSVSE needs a bidirectional encoder")
+    if prefix:
+        try:
+            check_prefix(encoder)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     return tokenizer, encoder
 
 
@@ -474,7 +478,7 @@ def _train(cfg: TrainConfig, processes: Distributed, device: torch.device, resum
     if cfg.optim.threads is not None:
         torch.set_num_threads(cfg.optim.threads)
     seed_everything(cfg.optim.seed)
-    tokenizer, encoder = load_encoder(cfg.model.encoder)
+    tokenizer, encoder = load_encoder(cfg.model.encoder, prefix=cfg.ablation.uses_prefix)
     store = open_features(cfg)
     grid_shape = store.grid_shape if store is not None and "grid" in cfg.ablation.scales else None
     length = max_length(cfg, tokenizer, encoder)

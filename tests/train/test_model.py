@@ -1,4 +1,4 @@
-"""The network: label matrices, prefixes through past_key_values, positions, KL, sizes."""
+"""The network: label matrices, prefixes through the encoder's cache, positions, KL, sizes."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from transformers import AutoModel, BertConfig, BertModel
 
 from msvse.train.config import Ablation
 from msvse.train.data import TAG_LABELS
+from msvse.errors import ConfigError
 from msvse.train.model import (
     DynamicMapping,
     MsvseModel,
     SalientFilter,
+    cache_argument,
+    check_prefix,
     consistency_kl,
     task_matrix,
 )
@@ -106,6 +109,63 @@ def test_positions_follow_the_family_and_ignore_the_prefix(family, bert_dir, rob
     reference = encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
     assert torch.allclose(model.encode(ids, mask), reference, atol=1e-5)
     assert out.shape == reference.shape
+
+
+class PrefixBlindBert(BertModel):
+    """A BERT whose forward takes the cache keyword and drops it: no prefix reaches it."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, cache=None, use_cache=None):
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -input_ids.shape[1] :]  # the prefix's mask ones, dropped too
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids
+        )
+
+
+class CachelessBert(BertModel):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, use_cache=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_the_cache_keyword_follows_the_installed_transformers(family, bert_dir, roberta_dir):
+    import inspect
+
+    encoder = _tiny(family, bert_dir if family == "bert" else roberta_dir).train()
+    params = inspect.signature(encoder.forward).parameters
+    expected = "cache" if "cache" in params else "past_key_values"
+    assert expected in params
+    assert cache_argument(encoder) == expected
+    assert check_prefix(encoder) == expected
+    assert encoder.training, "the check leaves the encoder's mode as it found it"
+
+
+def test_an_encoder_that_ignores_the_prefix_is_refused_at_load(bert_dir, monkeypatch):
+    import transformers
+
+    from msvse.train.trainer import load_encoder
+
+    blind = PrefixBlindBert(BertConfig.from_pretrained(bert_dir))
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda *a, **k: blind)
+    with pytest.raises(ConfigError) as err:
+        load_encoder(str(bert_dir))
+    message = str(err.value)
+    assert message.startswith("model.encoder: PrefixBlindBert (transformers ")
+    assert transformers.__version__ in message
+    assert "ignores prefixes" in message
+    # A text-only model needs no prefix, so the same encoder loads for it.
+    assert load_encoder(str(bert_dir), prefix=False)[1] is blind
+
+
+def test_an_encoder_without_a_cache_argument_is_refused(bert_dir):
+    encoder = CachelessBert(BertConfig.from_pretrained(bert_dir))
+    assert cache_argument(encoder) is None
+    with pytest.raises(ValueError, match=r"CachelessBert \(transformers .*\) takes no key/value cache"):
+        check_prefix(encoder)
+    with pytest.raises(ValueError, match="takes no key/value cache"):
+        MsvseModel(encoder, Ablation(), grid_shape=(4, 6), prefix_length=2, label_tokens=8, caption_tokens=8, dropout=0.0)
+    # Text only: nothing to pass a prefix through, so it builds.
+    MsvseModel(encoder, Ablation(text_only=True), grid_shape=None, prefix_length=2, label_tokens=8, caption_tokens=8, dropout=0.0)
 
 
 def test_sizes_come_from_the_encoder_config():
