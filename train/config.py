@@ -60,6 +60,27 @@ class Model:
     # Longest encoder input; null: the encoder's own limit. Longer posts are windowed.
     max_length: int | None = field(default=None, metadata=bounds(min=8))
     dropout: float = field(default=0.1, metadata=bounds(min=0, max=1, max_inclusive=False))
+    # The visual labels C: each class name once, at its best detection (Fig. 1's
+    # "chair, hair, handrail, steeple"); false: every detection's name, duplicates and
+    # all. The shards keep every detection either way.
+    distinct_labels: bool = True
+    # Loss of the visual entity classifier (eq 18): "softmax", the paper's CE against
+    # the soft label L^E normalised to sum to 1 (a post with no entity adds nothing);
+    # "bce", per-type binary cross-entropy against the multi-hot L^E.
+    classifier_loss: Literal["softmax", "bce"] = "softmax"
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where each visual input goes under an :class:`Ablation`: the scales filtered by
+    eqs 5-10, those mixed into the prefix (eqs 11-14), the parts put before the sentence
+    in the joint input (eqs 15-16), and the classifier's inputs (eqs 17-18: scales, and
+    ``"H^v"`` for the joint encoder's visual positions)."""
+
+    filtered: tuple[str, ...] = ()
+    prefix: tuple[str, ...] = ()
+    joint: tuple[str, ...] = ()
+    classifier: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,22 @@ class Ablation:
         return tuple(s for s in ("grid", "labels", "caption") if s in self.prefix_scales)
 
     @property
+    def routes(self) -> Routes:
+        """Which scales reach the prefix, the joint input and the classifier; the model
+        is built from this, and each of the paper's settings is tested against it."""
+        if self.text_only:
+            return Routes()
+        scales = self.scales
+        joint = () if self.joint_input == "none" else tuple(self.joint_input.split("+"))
+        classifier = (scales + (("H^v",) if joint else ())) if self.visual_classifier else ()
+        return Routes(
+            filtered=scales if (self.prefix or self.visual_classifier) else (),
+            prefix=scales if self.prefix else (),
+            joint=joint,
+            classifier=classifier,
+        )
+
+    @property
     def uses_prefix(self) -> bool:
         return not self.text_only and self.prefix
 
@@ -109,11 +146,39 @@ class Ablation:
         """Feature kind -> the config key that needs it."""
         if self.text_only:
             return {}
-        need = {SCALE_KIND[s]: "ablation.prefix_scales" for s in self.scales}
+        need = {SCALE_KIND[s]: "ablation.prefix_scales" for s in self.routes.filtered}
         for part in ("labels", "caption"):
             if part in self.joint_input:
                 need.setdefault(SCALE_KIND[part], "ablation.joint_input")
         return need
+
+
+#: The paper's ablations (Tables 2-5), each exactly one named setting: the ``ablation``
+#: keys that differ from the full model (every module on, Tables 2-5's last row), with
+#: the table and the row's name. The README's experiment table gives one ``dvc exp run``
+#: per entry, and a test checks both against each other and against the spec's routing.
+PAPER_SETTINGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "full": ("Tables 2-5", "full MSVSE: grid, labels and caption in the prefix, caption in the joint input", {}),
+    "t2-no-self-attention": ("Table 2", "without self-attention (eq 8)", {"self_attention": False}),
+    "t2-no-similarity": ("Table 2", "without similarity (eq 9)", {"similarity": False}),
+    "t2-no-filtering": ("Table 2", "without both", {"self_attention": False, "similarity": False}),
+    "t2-plain-crf": ("Table 2", "without the multi-task decoder (plain CRF)", {"multitask_decoder": False}),
+    "t2-no-visual-classifier": ("Table 2", "without the visual entity classifier", {"visual_classifier": False}),
+    "t3-joint-none": ("Table 3", "joint input: the sentence only", {"joint_input": "none"}),
+    "t3-joint-labels": ("Table 3", "joint input: labels + sentence", {"joint_input": "labels"}),
+    "t3-joint-labels-caption": ("Table 3", "joint input: labels + caption + sentence", {"joint_input": "labels+caption"}),
+    "t4-grid": ("Table 4", "prefix from the grid only", {"prefix_scales": ["grid"]}),
+    "t4-grid-labels": ("Table 4", "prefix from grid + labels", {"prefix_scales": ["grid", "labels"]}),
+    "t4-grid-caption": ("Table 4", "prefix from grid + caption", {"prefix_scales": ["grid", "caption"]}),
+    "t5-grid": ("Table 5", "only the grid", {"prefix_scales": ["grid"], "joint_input": "none"}),
+    "t5-labels": ("Table 5", "only the labels", {"prefix_scales": ["labels"], "joint_input": "none"}),
+    "t5-caption": ("Table 5", "only the caption", {"prefix_scales": ["caption"], "joint_input": "none"}),
+    "t5-no-prefix": (
+        "Table 5",
+        "without the visual prefix: the caption in the joint input only",
+        {"prefix": False, "prefix_scales": ["caption"], "joint_input": "caption"},
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -126,7 +191,10 @@ class Optim:
     eval_batch_size: int = field(default=64, metadata=bounds(min=1))
     lr_encoder: float = field(default=3e-5, metadata=bounds(min=0, min_inclusive=False))
     # The paper gives one rate (3e-5); the new modules follow it. The CRF's transition
-    # scores start near zero and barely move at that rate, hence their own (as HVPNeT).
+    # scores start near zero and barely move at that rate, hence a rate of their own.
+    # HVPNeT gives 5e-2 to its CRF and to the emission layer before it; here only the
+    # CRF's transition and start/end scores get lr_crf (the decoder's heads of eq 19
+    # take lr_heads).
     lr_heads: float = field(default=3e-5, metadata=bounds(min=0, min_inclusive=False))
     lr_crf: float = field(default=5e-2, metadata=bounds(min=0, min_inclusive=False))
     warmup_ratio: float = field(default=0.1, metadata=bounds(min=0, max=1))

@@ -141,8 +141,10 @@ class TextEncoder:
         label_tokens: int,
         caption_tokens: int,
         joint_input: str,
+        distinct_labels: bool = True,
     ):
         self.tokenizer = tokenizer
+        self.distinct_labels = distinct_labels
         self.template = Template.of(tokenizer)
         self.unk_id = tokenizer.unk_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -196,6 +198,14 @@ class TextEncoder:
         if not text.strip():
             return []
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+
+    def label_ids(self, labels: Sequence[str]) -> list[int]:
+        """Sub-word ids of the visual labels C, given best first as the shard stores
+        them. With ``distinct_labels`` each class name appears once, at its best
+        detection (the paper's Fig. 1 lists distinct names: "chair, hair, handrail,
+        steeple"); else every detection's name, duplicates included."""
+        words = list(dict.fromkeys(labels)) if self.distinct_labels else list(labels)
+        return self.text_ids(" ".join(words), self.label_content)
 
     def windows(self, pieces: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """Consecutive word ranges whose sub-words fit the sentence budget. A single word
@@ -348,7 +358,7 @@ def _visual(
     label_ids: list[int] = []
     if "objects" in kinds:
         partial |= found.labels is None
-        label_ids = text.text_ids(" ".join(found.labels or ()), text.label_content)
+        label_ids = text.label_ids(found.labels or ())
     caption_ids: list[int] = []
     if "caption" in kinds:
         partial |= found.caption is None
@@ -504,17 +514,18 @@ class Collator:
         batch.joint_index = _pad(joint_index, 0)
         batch.joint_visual = _pad([[int(x) for x in m] for m in joint_visual], 0).bool()
         batch.has_image = torch.tensor([v.has_image for v in visuals])
-        if "grid" in ab.scales:
+        scales = ab.routes.filtered
+        if "grid" in scales:
             assert self.grid_shape is not None
             grid = np.zeros((len(items), *self.grid_shape), np.float16)
             for i, v in enumerate(visuals):
                 if v.grid is not None:
                     grid[i] = v.grid
             batch.grid = torch.from_numpy(grid)
-        if "labels" in ab.scales:
+        if "labels" in scales:
             rows = [list(t.before) + v.label_ids + list(t.after) for v in visuals]
             batch.label_ids, batch.label_mask = _pad(rows, pad), _lengths_mask(rows)
-        if "caption" in ab.scales:
+        if "caption" in scales:
             rows = [list(t.before) + v.caption_ids + list(t.after) for v in visuals]
             batch.caption_ids, batch.caption_mask = _pad(rows, pad), _lengths_mask(rows)
         return batch

@@ -292,17 +292,39 @@ class VisualEntityClassifier(nn.Module):
     marks the types the post's gold tags contain. One shared MLP classifies each pooled
     input (V^m of each scale in use and H^v, each a mean over its positions; H^v covers
     whatever the joint input puts before the sentence: caption, labels or both), and
-    L_VE is the sum of the classification losses.
-    **Reading:** multi-label, so binary cross-entropy per type (mean over batch and types).
+    L_VE is the sum of the classification losses over those inputs.
+
+    ``loss="softmax"`` (the default) follows eq 18 as printed: CE(p, q) =
+    -sum_i p(x_i) ln q(x_i), "where p and q are probability distributions", over the
+    "soft label" L^E. **Reading:** q = softmax of the MLP's 4 logits, p = L^E / sum(L^E);
+    a post with no entity has no target distribution and contributes nothing; the loss
+    of one input is the mean over the posts of the batch that have a target (zero when
+    none has). ``loss="bce"``, our first reading, is per-type binary cross-entropy
+    against the multi-hot L^E (mean over batch and types); unlike the paper's loss it
+    also pushes every type down on posts with no entity.
     """
 
-    def __init__(self, d: int, dropout: float, n_types: int = len(ENTITY_TYPES)):
+    def __init__(self, d: int, dropout: float, n_types: int = len(ENTITY_TYPES), loss: str = "softmax"):
         super().__init__()
+        if loss not in ("softmax", "bce"):
+            raise ValueError(f"classifier loss must be 'softmax' or 'bce', not {loss!r}")
+        self.loss = loss
         self.mlp = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Dropout(dropout), nn.Linear(d, n_types))
 
     def forward(self, pooled: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        # pooled: each (B, d); target: (B, 4)
-        return sum(F.binary_cross_entropy_with_logits(self.mlp(x).float(), target) for x in pooled)
+        # pooled: each (B, d); target: (B, 4) multi-hot L^E
+        return sum(self.criterion(self.mlp(x).float(), target) for x in pooled)
+
+    def criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of one input's logits (B, 4) against the multi-hot ``target`` (B, 4)."""
+        target = target.to(logits.dtype)
+        if self.loss == "bce":
+            return F.binary_cross_entropy_with_logits(logits, target)
+        mass = target.sum(-1, keepdim=True)  # (B, 1)
+        has_target = mass.squeeze(-1) > 0  # (B,)
+        p = target / mass.clamp(min=1.0)  # (B, 4), each row sums to 1 or is all zero
+        ce = -(p * logits.log_softmax(-1)).sum(-1)  # (B,): zero where p is
+        return ce.sum() / has_target.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------- eqs 19-23
@@ -346,12 +368,19 @@ class LabelDecoder(nn.Module):
 
 def consistency_kl(y_m: torch.Tensor, y_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """L_KL, eq 24, pulling the text-only and multimodal tag distributions together.
-    **Reading:** KL(P^m || P^s) between the per-token softmax of Y^m and of Y^s, summed
-    over tags and averaged over real tokens (first sub-words of words; no [CLS]/[SEP],
-    no padding). Gradients reach both branches."""
+
+    The paper prints L_KL = sum_y p(y|Y^s) ln p(y|Y^m): the text-only distribution P^s
+    weights the sum. **Reading:** KL(P^s || P^m) = sum_y P^s(y) (ln P^s(y) - ln P^m(y)),
+    between the per-token softmax of Y^s (eq 23) and of Y^m (eq 22); the printed form's
+    missing minus sign and entropy term are taken as typesetting (with them it is this
+    KL up to a constant in Y^m). Summed over the 11 tags and averaged over real tokens
+    (first sub-words of words; no [CLS]/[SEP], no padding). Gradients reach both
+    branches.
+    """
     log_m = y_m.float().log_softmax(-1)  # (B, T, 11)
     log_s = y_s.float().log_softmax(-1)
-    kl = F.kl_div(log_s, log_m, log_target=True, reduction="none").sum(-1)  # (B, T)
+    # kl_div(input, target) = sum target * (log target - input): KL(target || input)
+    kl = F.kl_div(log_m, log_s, log_target=True, reduction="none").sum(-1)  # (B, T)
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp(min=1.0)
 
@@ -370,6 +399,7 @@ class MsvseModel(nn.Module):
         prefix_length: z.
         label_tokens, caption_tokens: k_o and k_d, the fixed feature counts of those scales.
         dropout: on the token representations before the decoder and inside the classifier.
+        classifier_loss: "softmax" (eq 18 as printed) or "bce"; see :class:`VisualEntityClassifier`.
     """
 
     def __init__(
@@ -382,6 +412,7 @@ class MsvseModel(nn.Module):
         label_tokens: int,
         caption_tokens: int,
         dropout: float,
+        classifier_loss: str = "softmax",
     ):
         super().__init__()
         cfg = encoder.config
@@ -397,8 +428,9 @@ class MsvseModel(nn.Module):
         self._typed = getattr(cfg, "type_vocab_size", 1) > 1
         self.dropout = nn.Dropout(dropout)
         self.decoder = LabelDecoder(d, ablation.multitask_decoder)
-        self.scales: tuple[str, ...] = () if ablation.text_only else ablation.scales
-        self.visual = not ablation.text_only and (ablation.prefix or ablation.visual_classifier)
+        self.routes = ablation.routes
+        self.scales: tuple[str, ...] = self.routes.filtered
+        self.visual = bool(self.scales)
         if self.visual:
             sizes = {"grid": None, "labels": label_tokens, "caption": caption_tokens}
             if "grid" in self.scales:
@@ -413,10 +445,10 @@ class MsvseModel(nn.Module):
                 self_attention=ablation.self_attention,
                 similarity=ablation.similarity,
             )
-        if not ablation.text_only and ablation.prefix:
-            self.mapping = DynamicMapping(d, h, layers, self.scales)
-        if not ablation.text_only and ablation.visual_classifier:
-            self.classifier = VisualEntityClassifier(d, dropout)
+        if self.routes.prefix:
+            self.mapping = DynamicMapping(d, h, layers, self.routes.prefix)
+        if self.routes.classifier:
+            self.classifier = VisualEntityClassifier(d, dropout, loss=classifier_loss)
         self.grid_shape = grid_shape
         self.label_tokens, self.caption_tokens = label_tokens, caption_tokens
 
@@ -481,7 +513,7 @@ class MsvseModel(nn.Module):
         if self.visual:
             for scale, (v, v_mask) in self.represent(batch).items():  # eqs 5-7
                 v_m[scale] = self.filter(scale, v, v_mask, h_s_tokens, batch.text_mask)  # eqs 8-10: (B, z, d)
-        prefix = self.mapping(v_m) if ab.prefix else None  # eqs 11-14
+        prefix = self.mapping(v_m) if self.routes.prefix else None  # eqs 11-14
         joint = self.encode(batch.joint_ids, batch.joint_mask, batch.joint_types, prefix)  # eqs 15-16: (B, Lj, d)
         h_m = _gather(joint, batch.joint_index)  # (B, T, d)
         y_m = self.decoder.emissions(self.dropout(h_m))  # eq 22: (B, T, 11)
@@ -489,17 +521,20 @@ class MsvseModel(nn.Module):
         if not compute_loss:
             return out
 
+        # Eq 25 is a plain sum; the paper gives no reductions. Ours, which weight the
+        # terms against each other: each CRF term is the negative log-likelihood summed
+        # over a sentence's positions and averaged over the batch; L_KL is averaged over
+        # real tokens; L_VE is summed over its inputs, each averaged over the posts with
+        # a target (softmax) or over posts and types (bce).
         y_s = self.decoder.emissions(self.dropout(h_s))  # eq 23
         out.text_emissions = y_s
         out.losses["multimodal"] = self.decoder.nll(y_m, batch.tags, batch.crf_mask)
         out.losses["text"] = self.decoder.nll(y_s, batch.tags, batch.crf_mask)
         if ab.consistency:
             out.losses["kl"] = consistency_kl(y_m, y_s, batch.word_mask)  # eq 24
-        if ab.visual_classifier:
-            pooled = [v.mean(1) for v in v_m.values()]  # each (B, d)
-            if ab.joint_input != "none":
-                pooled.append(masked_mean(joint, batch.joint_visual))  # H^v
-            out.losses["visual"] = self.classifier(pooled, batch.types)  # eqs 17-18
+        if self.routes.classifier:
+            pooled = [v_m[s].mean(1) if s != "H^v" else masked_mean(joint, batch.joint_visual) for s in self.routes.classifier]
+            out.losses["visual"] = self.classifier(pooled, batch.types)  # eqs 17-18: each input (B, d)
         out.loss = sum(out.losses.values())  # eq 25
         return out
 
@@ -540,4 +575,5 @@ def build_model(cfg: TrainConfig, encoder: nn.Module, grid_shape: tuple[int, int
         label_tokens=cfg.model.label_tokens,
         caption_tokens=cfg.model.caption_tokens,
         dropout=cfg.model.dropout,
+        classifier_loss=cfg.model.classifier_loss,
     )

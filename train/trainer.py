@@ -243,6 +243,7 @@ def make_text_encoder(cfg: TrainConfig, tokenizer: Any, length: int) -> TextEnco
         label_tokens=cfg.model.label_tokens,
         caption_tokens=cfg.model.caption_tokens,
         joint_input=cfg.ablation.joint_input,
+        distinct_labels=cfg.model.distinct_labels,
     )
 
 
@@ -480,7 +481,7 @@ def _train(cfg: TrainConfig, processes: Distributed, device: torch.device, resum
     seed_everything(cfg.optim.seed)
     tokenizer, encoder = load_encoder(cfg.model.encoder, prefix=cfg.ablation.uses_prefix)
     store = open_features(cfg)
-    grid_shape = store.grid_shape if store is not None and "grid" in cfg.ablation.scales else None
+    grid_shape = store.grid_shape if store is not None and "grid" in cfg.ablation.routes.filtered else None
     length = max_length(cfg, tokenizer, encoder)
     text = make_text_encoder(cfg, tokenizer, length)
 
