@@ -2,7 +2,7 @@
 images and posts grows (by default 100, 1,000 and 10,000 synthetic items, tiny models).
 
     python benchmarks/scaling_bench.py                       # all of it: about 15 min on 2 CPU cores
-    python benchmarks/scaling_bench.py --only train --sizes 100 1000
+    python benchmarks/scaling_bench.py --only train --sizes 1000 10000 100000   # 24 GB of shards at 100,000
     python benchmarks/scaling_bench.py --json scaling.json --keep /tmp/scaling
 
 Every measurement runs in a fresh child process, so its peak resident memory
@@ -15,9 +15,11 @@ Every measurement runs in a fresh child process, so its peak resident memory
   alone at every size.
 - ``train``: :func:`msvse.train.trainer.train` for one epoch of the full model (small
   encoder: hidden 128, 2 layers; 1 torch thread) on N synthetic posts whose images have
-  ResNet-152-shaped grids (49 x 2048 float16), dev and test N/10 posts each. Epoch and
-  dev seconds come from the run's epochs.csv; set-up (reading the shards, tokenizing,
-  building the model) is the rest of the wall time before the epoch.
+  ResNet-152-shaped grids (49 x 2048 float16), dev and test N/10 posts each; first with
+  an empty token cache (cold), then again with the cache the first run filled (warm; up
+  to ``--warm-max`` posts). Epoch and dev seconds come from the run's epochs.csv; data
+  set-up is ``build_datasets`` (reading the posts, tokenizing or mapping the cache,
+  indexing the shards); set-up and final is the rest of the wall time.
 - ``store``: opening the N-image grid shard with ``FeatureStore``, eager and lazy.
 
 Prints a Markdown table and, with ``--json``, writes every figure. Not a test.
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,7 +85,7 @@ def make_training_set(folder: Path, n: int, seed: int = 0) -> dict[str, object]:
     that memory stays flat while writing."""
     import numpy as np
 
-    from msvse.extract.features import STATUS_OK, ShardWriter, write_shard
+    from msvse.features import STATUS_OK, ShardWriter, write_shard
     from msvse.train import synthetic
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,12 +99,14 @@ def make_training_set(folder: Path, n: int, seed: int = 0) -> dict[str, object]:
         images += [p.image_file for p in posts]
     grid_path = folder / "grid.h5"
     if not grid_path.exists():
+        # One random block, shifted per block of rows: what the values are does not
+        # matter here, and drawing 12 G normals for 100,000 posts would take minutes.
         rng = np.random.default_rng(seed)
+        base = rng.standard_normal((500, *GRID_SHAPE), dtype=np.float32)
         writer = ShardWriter.create(grid_path, images, kinds=["grid"], config={"synthetic": True}, grid_shape=GRID_SHAPE)
-        for start in range(0, len(images), 500):
+        for k, start in enumerate(range(0, len(images), 500)):
             rows = min(500, len(images) - start)
-            block = rng.standard_normal((rows, *GRID_SHAPE), dtype=np.float32).astype(np.float16)
-            writer.write_rows(start, [STATUS_OK] * rows, grid=block)
+            writer.write_rows(start, [STATUS_OK] * rows, grid=(base[:rows] + 0.01 * k).astype(np.float16))
         writer.finish()
         rng = np.random.default_rng(seed + 1)
         labels = [list(rng.choice(synthetic.LABEL_WORDS, size=int(rng.integers(1, 5)))) for _ in images]
@@ -150,22 +155,36 @@ def child_extract(args: argparse.Namespace) -> dict:
 
 def child_train(args: argparse.Namespace) -> dict:
     from msvse.config import from_dict
+    from msvse.train import trainer
     from msvse.train.config import TrainConfig
-    from msvse.train.trainer import train
 
     paths = json.loads(args.paths)
     run = Path(args.out)
+    data_seconds = []
+    build = getattr(trainer, "build_datasets", None)
+
+    def timed_build(*a, **k):  # the data sets' set-up: reading, tokenizing, indexing
+        start = time.perf_counter()
+        out = build(*a, **k)
+        data_seconds.append(time.perf_counter() - start)
+        return out
+
+    # --compare-with runs this child under another msvse, which may predate the token
+    # cache and build_datasets: then the data set-up is not timed apart.
+    new = build is not None
+    if new:
+        trainer.build_datasets = timed_build
     cfg = from_dict(
         TrainConfig,
         {
-            "data": paths,
+            "data": {**paths, "token_cache": args.cache} if new else paths,
             "model": {"encoder": args.encoder, "label_tokens": 16, "caption_tokens": 32, "max_length": 128},
             "optim": {"epochs": 1, "batch_size": 32, "eval_batch_size": 64, "device": "cpu", "threads": 1, "workers": 0},
             "output": str(run),
         },
     )
     start = time.perf_counter()
-    train(cfg)
+    trainer.train(cfg)
     wall = time.perf_counter() - start
     with open(run / "plots" / "epochs.csv", newline="") as f:
         epoch = next(csv.DictReader(f))
@@ -179,12 +198,15 @@ def child_train(args: argparse.Namespace) -> dict:
         "train_per_second": round(n / train_s, 1),
         "dev_per_second": round(dev_posts / dev_s, 1),
         "setup_and_final_seconds": round(wall - train_s - dev_s, 1),
+        "data_seconds": round(data_seconds[0], 1) if data_seconds else None,
+        "token_cache": args.warm if new else "no",
+        "code": args.code,
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
 
 def child_store(args: argparse.Namespace) -> dict:
-    from msvse.extract.features import FeatureStore
+    from msvse.features import FeatureStore
 
     base = rss_mib()
     start = time.perf_counter()
@@ -204,8 +226,8 @@ def child_store(args: argparse.Namespace) -> dict:
     }
 
 
-def run_child(kind: str, *extra: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, *extra]
+def run_child(kind: str, *extra: str, python: str = sys.executable) -> dict:
+    cmd = [python, __file__, "--child", kind, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -224,7 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one, removed)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    for name in ("models", "images", "ids", "out", "paths", "encoder", "n", "grid", "kinds"):
+    parser.add_argument("--warm-max", type=int, default=10000, help="largest size also trained with a warm token cache")
+    parser.add_argument("--compare-with", help="a Python with another msvse installed: its training runs beside this one's")
+    parser.add_argument("--compare-max", type=int, default=10000, help="largest size trained with --compare-with")
+    for name in ("models", "images", "ids", "out", "paths", "encoder", "n", "grid", "kinds", "cache", "warm", "code"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     parser.add_argument("--lazy", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -287,17 +312,25 @@ def main(argv: list[str] | None = None) -> dict:
                     results["store"].append(row)
                     print(f"store {'lazy' if lazy else 'eager':5s} {n:>6}: +{row['rss_growth_mib']:.0f} MiB", flush=True)
             if "train" in parts:
-                row = run_child("train", "--paths", json.dumps(paths), "--encoder", str(encoder), "--n", str(n),
-                                "--out", str(work / f"run_{n}"))  # fmt: skip
-                results["train"].append(row)
-                print(f"train {n:>6}: {row['train_per_second']:.1f} posts/s, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+                cache = work / f"tokens_{n}"
+                shutil.rmtree(cache, ignore_errors=True)
+                runs = [("this", sys.executable, warm) for warm in ("cold", "warm")[: 1 if n > args.warm_max else 2]]
+                if args.compare_with and n <= args.compare_max:
+                    runs.insert(0, ("other", args.compare_with, "cold"))
+                for code, python, warm in runs:
+                    row = run_child("train", "--paths", json.dumps(paths), "--encoder", str(encoder), "--n", str(n),
+                                    "--out", str(work / f"run_{n}_{code}_{warm}"), "--cache", str(cache), "--warm", warm,
+                                    "--code", code, python=python)  # fmt: skip
+                    results["train"].append(row)
+                    data = "" if row["data_seconds"] is None else f"data set-up {row['data_seconds']:.1f} s, "
+                    print(f"train {n:>6} ({code} code, {row['token_cache']} token cache): {row['train_per_second']:.1f} "
+                          f"posts/s, {data}set-up and final {row['setup_and_final_seconds']:.1f} s, "
+                          f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
     print()
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.keep is None:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return results
 
@@ -313,9 +346,10 @@ def table(results: dict) -> str:
         )
     for row in results["train"]:
         lines.append(
-            f"| train 1 epoch + dev | {row['n']:,} posts | {row['train_per_second']:.0f} posts/s (dev "
-            f"{row['dev_per_second']:.0f}) | {row['wall_seconds']:.0f} (set-up and final {row['setup_and_final_seconds']:.0f}) | "
-            f"{row['peak_rss_mib']:.0f} MiB | |"
+            f"| train 1 epoch + dev ({row['code']} code, {row['token_cache']} token cache) | {row['n']:,} posts | "
+            f"{row['train_per_second']:.0f} posts/s (dev {row['dev_per_second']:.0f}) | {row['wall_seconds']:.0f} ("
+            + ("" if row["data_seconds"] is None else f"data set-up {row['data_seconds']:.1f}; ")
+            + f"set-up and final {row['setup_and_final_seconds']:.0f}) | {row['peak_rss_mib']:.0f} MiB | |"
         )
     for row in results["store"]:
         lines.append(

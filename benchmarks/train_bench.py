@@ -29,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from msvse.config import from_dict  # noqa: E402
-from msvse.extract.features import FeatureStore  # noqa: E402
+from msvse.features import FeatureStore  # noqa: E402
 from msvse.train import synthetic  # noqa: E402
 from msvse.train.config import TrainConfig  # noqa: E402
 from msvse.train.data import Collator, build_dataset  # noqa: E402

@@ -2,6 +2,6 @@
 
 - :func:`msvse.extract.run.extract`: a folder of images into one shard (``msvse-extract``);
 - :func:`msvse.extract.run.extract_in_memory`: features of a few images, no file;
-- :class:`msvse.extract.features.FeatureStore`: reads shards (schema v1), joined by id;
+- shards follow the schema of :mod:`msvse.features` (schema v1), which stage 2 reads;
 - :class:`msvse.extract.config.ExtractConfig`: the ``extract`` section of ``params.yaml``.
 """

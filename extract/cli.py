@@ -10,7 +10,7 @@ from msvse.cliutil import user_errors
 from msvse.config import from_dict, load_section
 
 from .config import ExtractConfig
-from .features import KINDS
+from msvse.features import KINDS
 from .run import extract, parse_kinds, parse_shard, summary_line
 
 

@@ -31,8 +31,7 @@ from msvse.config import to_dict
 from msvse.errors import MsvseError
 from msvse.twitter import read_posts
 
-from .config import RUNTIME_ONLY, ExtractConfig
-from .features import (
+from msvse.features import (
     KINDS,
     STATUS_MISSING,
     STATUS_NAMES,
@@ -42,8 +41,12 @@ from .features import (
     ImageFeatures,
     ShardWriter,
     check_header,
+    decode_strings,
+    open_shard,
     partial_path,
 )
+
+from .config import RUNTIME_ONLY, ExtractConfig
 from .images import UnreadableImage, decode_at_sides, decode_image, list_images
 from .models import autocast, load_kind, resolve_device
 
@@ -422,14 +425,12 @@ def _check_same_run(path: Path, config: dict[str, Any], kinds: Sequence[str], id
     """A shard is continued only by a run that would have written the same file."""
     import h5py
 
-    from .features import _decode, _open
-
-    with _open(path) as f:
+    with open_shard(path) as f:
         check_header(f, str(path))
         old_config = json.loads(f.attrs.get("config", "{}"))
         old_kinds = json.loads(f.attrs.get("kinds", "[]"))
         old_shard = f.attrs.get("shard", "")
-        old_ids = _decode(f["ids"][()]) if isinstance(f.get("ids"), h5py.Dataset) else []
+        old_ids = decode_strings(f["ids"][()]) if isinstance(f.get("ids"), h5py.Dataset) else []
     hint = "resume with the same settings, or run without --resume to start over"
     if list(old_kinds) != list(kinds):
         raise MsvseError(f"{path}: holds kinds {','.join(old_kinds)}, this run asks for {','.join(kinds)}; {hint}")
@@ -471,12 +472,10 @@ def _finish_summary(
     """Count the finished shard's rows and write its report."""
     import h5py
 
-    from .features import _decode
-
     try:
         with h5py.File(out_path, "r") as f:
             status = f["status"][()]
-            ids = _decode(f["ids"][()])
+            ids = decode_strings(f["ids"][()])
             config_dict = json.loads(f.attrs["config"])
             kinds = json.loads(f.attrs["kinds"])
     except OSError as exc:

@@ -17,8 +17,9 @@ rejects, with the file and line, what would otherwise turn into a wrong result.
 
 from __future__ import annotations
 
+import io
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,27 +93,27 @@ def normalize_tag(tag: str) -> str | None:
 def parse_posts(text: str, source: str = "<text>", *, labelled: bool = True) -> list[Post]:
     """Parse the Twitter format from a string. With ``labelled=False`` a token line may
     omit its tab and tag (it is then tagged ``O``), for unlabelled data."""
+    return list(iter_posts(text, source, labelled=labelled))
+
+
+def iter_posts(text: str, source: str = "<text>", *, labelled: bool = True) -> Iterator[Post]:
+    """The posts of :func:`parse_posts`, one at a time (a large file is never held as
+    a list of posts)."""
     if text.startswith("\ufeff"):
         text = text[1:]
-    posts: list[Post] = []
     image_id: str | None = None
     start = 0
     tokens: list[str] = []
     tags: list[str] = []
-
-    def close() -> None:
-        nonlocal image_id, tokens, tags
-        if image_id is not None:
-            posts.append(Post(image_id, tuple(tokens), tuple(tags), source, start))
-        image_id, tokens, tags = None, [], []
-
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.rstrip(" \t\r\f\v")
-        if not line:
-            close()
-            continue
-        if line.startswith("IMGID:"):
-            close()
+    number = 0
+    for number, raw in enumerate(io.StringIO(text, newline="\n"), start=1):
+        line = raw.rstrip("\n").rstrip(" \t\r\f\v")
+        if not line or line.startswith("IMGID:"):
+            if image_id is not None:
+                yield Post(image_id, tuple(tokens), tuple(tags), source, start)
+            image_id, tokens, tags = None, [], []
+            if not line:
+                continue
             image_id = line[len("IMGID:"):].strip()
             problem = check_image_id(image_id)
             if problem:
@@ -135,12 +136,13 @@ def parse_posts(text: str, source: str = "<text>", *, labelled: bool = True) -> 
             raise DataFormatError(source, number, f"unknown tag {tag.strip()!r} (known: {known}; OTHER reads as MISC)")
         tokens.append(token)
         tags.append(canonical)
-    close()
-    return posts
+    if image_id is not None:
+        yield Post(image_id, tuple(tokens), tuple(tags), source, start)
 
 
-def read_posts(path: str | Path, *, labelled: bool = True) -> list[Post]:
-    """Read a Twitter-format file. Errors name the file and line."""
+def read_text(path: str | Path) -> str:
+    """A data file's text; a missing, unreadable or non-UTF-8 file is a
+    :class:`DataFormatError` naming it (and the line of the first bad byte)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -149,11 +151,15 @@ def read_posts(path: str | Path, *, labelled: bool = True) -> list[Post]:
     except IsADirectoryError:
         raise DataFormatError(str(path), None, "is a directory, expected a data file") from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataFormatError(str(path), line, f"not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
-    posts = parse_posts(text, str(path), labelled=labelled)
+
+
+def read_posts(path: str | Path, *, labelled: bool = True) -> list[Post]:
+    """Read a Twitter-format file. Errors name the file and line."""
+    posts = parse_posts(read_text(path), str(path), labelled=labelled)
     if not posts:
         raise DataFormatError(str(path), None, "no posts found (a post starts with an 'IMGID:' line)")
     return posts

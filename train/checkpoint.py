@@ -43,7 +43,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from msvse.config import from_dict, to_dict
 from msvse.errors import MsvseError
-from msvse.extract.features import check_header
+from msvse.features import check_header
 from msvse.io import provenance, write_json_atomic
 from msvse.train.config import TrainConfig
 from msvse.train.data import TAG_LABELS

@@ -42,6 +42,10 @@ class Data:
     test: str = "data/twitter2015/test.txt"
     # Shards are joined by image id; each kind may come from a different file.
     features: tuple[str, ...] = ("features/grid.h5", "features/objects.h5", "features/caption.h5")
+    # Tokenized posts, labels and captions, kept between runs (msvse.train.tokens):
+    # entries are keyed by the inputs' content and the tokenizer, so none is ever
+    # stale; null keeps them in memory only.
+    token_cache: str | None = ".msvse-cache/tokens"
 
 
 @dataclass(frozen=True)

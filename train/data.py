@@ -20,20 +20,22 @@ Batches are padded to their longest item, not to a fixed length.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from msvse.errors import ConfigError
-from msvse.extract.features import STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE, ImageFeatures
+from msvse.features import STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE, ImageFeatures
 from msvse.train.config import SCALE_KIND, Ablation
-from msvse.twitter import ENTITY_TYPES, TAGS, Post, entities
+from msvse.train.tokens import TokenCache, TokenizedPosts, tokenize_posts, tokenizer_fingerprint
+from msvse.twitter import TAGS, Post, image_file
 
 log = logging.getLogger("msvse.train")
 
@@ -52,25 +54,54 @@ NO_IMAGE_REASONS: dict[str, str] = {
 
 
 class FeatureLookup(Protocol):
-    """What the dataset needs from features: :class:`~msvse.extract.features.FeatureStore`
+    """What the dataset needs from features: :class:`~msvse.features.FeatureStore`
     or :class:`MemoryFeatures`."""
+
+    grid_shape: tuple[int, int] | None
 
     def __contains__(self, image: str) -> bool: ...
 
-    def get(self, image: str) -> ImageFeatures: ...
+    def status(self, image: str) -> int: ...
+
+    def locate(self, kind: str, image: str) -> tuple[int, int] | None: ...
+
+    def read_grids(self, places: Sequence[tuple[int, int]]) -> np.ndarray: ...
+
+    def text_rows(self, kind: str) -> Iterator[tuple[int, list]]: ...
 
 
 class MemoryFeatures:
-    """Features held in memory (single-post prediction), keyed by image file name."""
+    """Features held in memory (single-post prediction), keyed by image file name;
+    the same lookups as a :class:`~msvse.features.FeatureStore` with one shard."""
 
     def __init__(self, features: Sequence[ImageFeatures]):
-        self._by_image = {f.image: f for f in features}
+        self._rows = list(features)
+        self._by_image = {f.image: i for i, f in enumerate(self._rows)}
+        grids = [f.grid for f in self._rows if f.grid is not None]
+        self.grid_shape = tuple(grids[0].shape) if grids else None
 
     def __contains__(self, image: str) -> bool:
         return image in self._by_image
 
     def get(self, image: str) -> ImageFeatures:
-        return self._by_image[image]
+        return self._rows[self._by_image[image]]
+
+    def status(self, image: str) -> int:
+        return self.get(image).status
+
+    def locate(self, kind: str, image: str) -> tuple[int, int] | None:
+        f = self.get(image)
+        value = {"grid": f.grid, "objects": f.labels, "caption": f.caption}[kind]
+        return None if value is None else (0, self._by_image[image])
+
+    def read_grids(self, places: Sequence[tuple[int, int]]) -> np.ndarray:
+        return np.stack([np.asarray(self._rows[row].grid, np.float16) for _, row in places])
+
+    def text_rows(self, kind: str) -> Iterator[tuple[int, list]]:
+        if kind == "objects":
+            yield 0, [f.labels or () for f in self._rows]
+        else:
+            yield 0, [f.caption or "" for f in self._rows]
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -199,13 +230,28 @@ class TextEncoder:
             return []
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
 
-    def label_ids(self, labels: Sequence[str]) -> list[int]:
-        """Sub-word ids of the visual labels C, given best first as the shard stores
-        them. With ``distinct_labels`` each class name appears once, at its best
-        detection (the paper's Fig. 1 lists distinct names: "chair, hair, handrail,
-        steeple"); else every detection's name, duplicates included."""
+    def label_text(self, labels: Sequence[str]) -> str:
+        """The text of the visual labels C, given best first as the shard stores them.
+        With ``distinct_labels`` each class name appears once, at its best detection
+        (the paper's Fig. 1 lists distinct names: "chair, hair, handrail, steeple");
+        else every detection's name, duplicates included."""
         words = list(dict.fromkeys(labels)) if self.distinct_labels else list(labels)
-        return self.text_ids(" ".join(words), self.label_content)
+        return " ".join(words)
+
+    def label_ids(self, labels: Sequence[str]) -> list[int]:
+        """Sub-word ids of the visual labels C (:meth:`label_text`), cut to the slots."""
+        return self.text_ids(self.label_text(labels), self.label_content)
+
+    @functools.cached_property
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the input that decides this encoder's token output: the
+        key of the token cache's entries."""
+        return {
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "budget": self.budget,
+            "unk": self.unk_id,
+            "distinct_labels": self.distinct_labels,
+        }
 
     def windows(self, pieces: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """Consecutive word ranges whose sub-words fit the sentence budget. A single word
@@ -281,89 +327,217 @@ class NoImageReport:
         )
 
 
-class PostDataset(Dataset):
-    """The windows of a list of posts, each with its image's features."""
+#: Reason codes of the visual index: "" (every needed kind there), then NO_IMAGE_REASONS.
+REASON_CODES: tuple[str, ...] = ("",) + tuple(NO_IMAGE_REASONS)
 
-    def __init__(self, posts: Sequence[Post], items: list[Item], report: NoImageReport):
-        self.posts = list(posts)
-        self.items = items
+
+class VisualIndex:
+    """Where the features of each image of a data set are, not the features: per
+    image, its no-image reason, the shard and row of its grid, and the rows of its
+    tokenized labels and caption (in the token cache, one table per shard). Grids
+    are read when a batch is built (:meth:`PostDataset.__getitems__`)."""
+
+    def __init__(
+        self,
+        images: list[str],
+        features: FeatureLookup | None,
+        kinds: Mapping[str, str],
+        text: TextEncoder,
+        cache: TokenCache,
+    ):
+        n = len(images)
+        self.features = features
+        self.reason = np.zeros(n, np.int8)
+        self.grid = np.full((n, 2), -1, np.int32)  # (shard, row)
+        self.labels = np.full((n, 2), -1, np.int32)  # (shard, row) in self.tables["objects"]
+        self.caption = np.full((n, 2), -1, np.int32)
+        self.tables: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {"objects": {}, "caption": {}}
+        code = {r: i for i, r in enumerate(REASON_CODES)}
+        for i, image in enumerate(images):
+            if features is None or image not in features:
+                self.reason[i] = code["not_in_features"]
+                continue
+            status = features.status(image)
+            if status in (STATUS_MISSING, STATUS_UNREADABLE):
+                self.reason[i] = code["missing" if status == STATUS_MISSING else "unreadable"]
+                continue
+            assert status == STATUS_OK, status
+            partial = False
+            for kind, column in (("grid", self.grid), ("objects", self.labels), ("caption", self.caption)):
+                if kind in kinds:
+                    at = features.locate(kind, image)
+                    partial |= at is None
+                    if at is not None:
+                        column[i] = at
+            self.reason[i] = code["partial"] if partial else 0
+        for kind, limit in (("objects", text.label_content), ("caption", text.caption_content)):
+            if kind in kinds and features is not None:
+                wanted = set(self.labels[:, 0] if kind == "objects" else self.caption[:, 0]) - {-1}
+                for shard, rows in features.text_rows(kind):
+                    if shard in wanted:
+                        texts = [text.label_text(r) for r in rows] if kind == "objects" else list(rows)
+                        self.tables[kind][shard] = cache.rows(
+                            "labels" if kind == "objects" else "caption", texts, text.tokenizer, limit, text.settings
+                        )
+
+    def visual(self, i: int, grid: np.ndarray | None) -> Visual:
+        reason = REASON_CODES[self.reason[i]]
+        if reason in ("not_in_features", "missing", "unreadable"):
+            return Visual(None, [], [], has_image=False, reason=reason)
+        return Visual(grid, self._ids("objects", self.labels[i]), self._ids("caption", self.caption[i]), True, reason)
+
+    def _ids(self, kind: str, at: np.ndarray) -> list[int]:
+        if at[0] < 0:
+            return []
+        offsets, ids = self.tables[kind][int(at[0])]
+        return ids[offsets[at[1]] : offsets[at[1] + 1]].tolist()
+
+
+class PostDataset(Dataset):
+    """The windows of a data set's posts. It holds the tokenized posts (memory-mapped
+    from the token cache) and a :class:`VisualIndex`; an :class:`Item` is built when
+    asked for, its grid read from its shard then, so memory does not grow with the
+    features. ``__getitems__`` builds a whole batch with one grid read per shard
+    (DataLoader calls it, in its workers when there are any)."""
+
+    def __init__(self, tokens: TokenizedPosts, images: np.ndarray, visuals: VisualIndex | None, report: NoImageReport, budget: int):
+        self.tokens = tokens
+        self.images = images  # (P,) int32: the post's image in ``visuals``
+        self.visuals = visuals
         self.report = report
+        self.budget = budget
+
+    @property
+    def posts(self) -> _Posts:
+        """The posts, as the reader gives them (decoded one at a time)."""
+        return _Posts(self.tokens)
+
+    @property
+    def items(self) -> _Items:
+        """The windows as :class:`Item` s (built one at a time)."""
+        return _Items(self)
+
+    @property
+    def windows(self) -> np.ndarray:
+        """(N, 3) int32: post, first word, end word of each window."""
+        return self.tokens.windows
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.tokens.windows)
 
     def __getitem__(self, i: int) -> Item:
-        return self.items[i]
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Item]:
+        grids: dict[int, np.ndarray] = {}
+        if self.visuals is not None and self.visuals.features is not None:
+            images = sorted({int(self.images[self.tokens.windows[i][0]]) for i in indices})
+            with_grid = [j for j in images if self.visuals.grid[j, 0] >= 0]
+            if with_grid:
+                block = self.visuals.features.read_grids([tuple(int(x) for x in self.visuals.grid[j]) for j in with_grid])
+                grids = dict(zip(with_grid, block))
+        return [self._item(int(i), grids) for i in indices]
+
+    def _item(self, i: int, grids: Mapping[int, np.ndarray]) -> Item:
+        p, start, end = (int(x) for x in self.tokens.windows[i])
+        first = int(self.tokens.post_words[p])
+        visual = None
+        if self.visuals is not None:
+            image = int(self.images[p])
+            visual = self.visuals.visual(image, grids.get(image))
+        return Item(
+            post=p,
+            start=start,
+            end=end,
+            pieces=self.tokens.word_ids(p, start, end, self.budget),
+            tags=self.tokens.tags[first + start : first + end].tolist(),
+            types=tuple(float(x) for x in self.tokens.types[p]),
+            visual=visual,
+        )
+
+    def window_cost(self, i: int) -> int:
+        """Sub-words in window ``i``: what predicting it costs."""
+        return self.tokens.window_pieces(i, self.budget)
+
+    def post_lengths(self) -> np.ndarray:
+        """(P,) words per post."""
+        return np.diff(self.tokens.post_words)
+
+
+class _Posts(Sequence):
+    def __init__(self, tokens: TokenizedPosts):
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.tokens.post(i, TAG_LABELS)
+
+
+class _Items(Sequence):
+    def __init__(self, dataset: PostDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.dataset.__getitems__(list(range(*i.indices(len(self)))))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.dataset[i]
+
+    def __iter__(self):
+        for start in range(0, len(self), 256):
+            yield from self.dataset.__getitems__(list(range(start, min(start + 256, len(self)))))
 
 
 def build_dataset(
-    posts: Sequence[Post],
+    posts: str | Path | Sequence[Post],
     text: TextEncoder,
     ablation: Ablation,
     features: FeatureLookup | None,
     grid_shape: tuple[int, int] | None = None,
+    cache: TokenCache | None = None,
 ) -> PostDataset:
-    """Tokenize ``posts``, split long ones into windows and attach their images'
-    features (a no-image input where there is none, counted in the report)."""
-    report = NoImageReport(posts=len(posts))
+    """The windows of ``posts`` (a Twitter-format file, or posts in memory) with an
+    index of their images' features (a no-image input where there is none, counted in
+    the report). A file's tokens come from ``cache`` when it has them, else they are
+    computed and, with a cache root, kept there."""
+    cache = cache or TokenCache(None)
+    if isinstance(posts, (str, Path)):
+        tokens, _ = cache.posts(posts, text, TAG_INDEX, text.settings)
+    else:
+        tokens = tokenize_posts(posts, text, TAG_INDEX, source=posts[0].source if len(posts) else "")
     kinds = ablation.needed_kinds
-    visuals: dict[str, Visual] = {}
-    reasons: Counter[str] = Counter()
-    all_pieces = text.word_pieces([p.tokens for p in posts])
-    items: list[Item] = []
-    for index, (post, pieces) in enumerate(zip(posts, all_pieces)):
-        visual = None
-        if kinds:
-            image = post.image_file
-            if image not in visuals:
-                visuals[image] = _visual(image, features, kinds, text, grid_shape)
-            visual = visuals[image]
-            if visual.reason:
-                reasons[visual.reason] += 1
-        tag_ids = [TAG_INDEX[t] for t in post.tags]
-        present = {e.type for e in entities(post.tags)}
-        types = tuple(1.0 if t in present else 0.0 for t in ENTITY_TYPES)
-        for start, end in text.windows(pieces):
-            items.append(
-                Item(index, start, end, [p[: text.budget] for p in pieces[start:end]], tag_ids[start:end], types, visual)
-            )
-    report.windows = len(items)
-    for reason, n in reasons.items():
-        setattr(report, reason, n)
-    return PostDataset(posts, items, report)
-
-
-def _visual(
-    image: str,
-    features: FeatureLookup | None,
-    kinds: Mapping[str, str],
-    text: TextEncoder,
-    grid_shape: tuple[int, int] | None,
-) -> Visual:
-    if features is None or image not in features:
-        return Visual(None, [], [], has_image=False, reason="not_in_features")
-    found = features.get(image)
-    if found.status in (STATUS_MISSING, STATUS_UNREADABLE):
-        reason = "missing" if found.status == STATUS_MISSING else "unreadable"
-        return Visual(None, [], [], has_image=False, reason=reason)
-    assert found.status == STATUS_OK, found.status
-    partial = False
-    grid = None
-    if "grid" in kinds:
-        # Shards store float16: keeping that halves memory and batch copies, losslessly.
-        grid = None if found.grid is None else found.grid.astype(np.float16)
-        partial |= grid is None
-        if grid is not None and grid_shape is not None and tuple(grid.shape) != tuple(grid_shape):
-            raise ConfigError(f"data.features: image {image!r} has a {grid.shape} grid, expected {grid_shape}")
-    label_ids: list[int] = []
-    if "objects" in kinds:
-        partial |= found.labels is None
-        label_ids = text.label_ids(found.labels or ())
-    caption_ids: list[int] = []
-    if "caption" in kinds:
-        partial |= found.caption is None
-        caption_ids = text.text_ids(found.caption or "", text.caption_content)
-    return Visual(grid, label_ids, caption_ids, has_image=True, reason="partial" if partial else "")
+    report = NoImageReport(posts=len(tokens), windows=len(tokens.windows))
+    image_names: dict[str, int] = {}
+    images = np.asarray(
+        [image_names.setdefault(image_file(raw.decode("utf-8")), len(image_names)) for raw in tokens.image_ids], np.int32
+    )
+    visuals = None
+    if kinds:
+        if features is not None and "grid" in kinds and grid_shape is not None:
+            stored = features.grid_shape
+            if stored is not None and tuple(stored) != tuple(grid_shape):
+                example = next((im for im in image_names if im in features and features.locate("grid", im)), "?")
+                raise ConfigError(f"data.features: image {example!r} has a {tuple(stored)} grid, expected {grid_shape}")
+        visuals = VisualIndex(list(image_names), features, kinds, text, cache)
+        counts = np.bincount(visuals.reason[images], minlength=len(REASON_CODES))
+        for code, reason in enumerate(REASON_CODES):
+            if reason:
+                setattr(report, reason, int(counts[code]))
+    return PostDataset(tokens, images, visuals, report, text.budget)
 
 
 def check_kinds(ablation: Ablation, available: Sequence[str], paths: Sequence[str]) -> None:
@@ -378,16 +552,17 @@ def check_kinds(ablation: Ablation, available: Sequence[str], paths: Sequence[st
 
 
 def reassemble(dataset: PostDataset, window_tags: Sequence[Sequence[str]]) -> list[list[str]]:
-    """Join per-window predictions (in dataset item order) back into one row per post."""
-    rows: list[list[str]] = [[] for _ in dataset.posts]
-    spans = sorted(range(len(dataset.items)), key=lambda i: (dataset.items[i].post, dataset.items[i].start))
-    for i in spans:
-        item = dataset.items[i]
-        assert len(rows[item.post]) == item.start, (item.post, item.start)
-        assert len(window_tags[i]) == item.end - item.start
-        rows[item.post].extend(window_tags[i])
-    for post, row in zip(dataset.posts, rows):
-        assert len(row) == len(post.tokens), post.image_id
+    """Join per-window predictions (in dataset window order) back into one row per post."""
+    windows = dataset.windows
+    lengths = dataset.post_lengths()
+    rows: list[list[str]] = [[] for _ in range(len(lengths))]
+    for i in np.lexsort((windows[:, 1], windows[:, 0])):
+        p, start, end = (int(x) for x in windows[i])
+        assert len(rows[p]) == start, (p, start)
+        assert len(window_tags[i]) == end - start
+        rows[p].extend(window_tags[i])
+    for p, row in enumerate(rows):
+        assert len(row) == lengths[p], p
     return rows
 
 

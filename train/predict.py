@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from msvse.errors import ConfigError, MsvseError
-from msvse.extract.features import STATUS_NAMES, FeatureStore, ImageFeatures
+from msvse.features import STATUS_NAMES, FeatureStore, ImageFeatures
 from msvse.io import write_text_atomic
 from msvse.train.checkpoint import Checkpoint, load_checkpoint
 from msvse.train.data import Collator, FeatureLookup, MemoryFeatures, build_dataset, check_kinds

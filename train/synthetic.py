@@ -2,7 +2,7 @@
 
 For the tests and the training benchmark: nothing is downloaded. Encoders are saved
 with ``save_pretrained`` (config, safetensors weights, tokenizer), shards with
-:func:`msvse.extract.features.write_shard`, posts in the Twitter format, so every
+:func:`msvse.features.write_shard`, posts in the Twitter format, so every
 loading path is the one real runs take.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msvse.extract.features import STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE, write_shard
+from msvse.features import STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE, write_shard
 from msvse.twitter import Post, format_posts
 
 ENTITIES: dict[str, list[tuple[str, ...]]] = {

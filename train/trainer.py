@@ -59,7 +59,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from msvse.config import to_dict
 from msvse.errors import ConfigError, MsvseError
-from msvse.extract.features import FeatureStore
+from msvse.features import PAPER_GRID_SHAPE, FeatureStore
 from msvse.io import write_json_atomic, write_resolved_config, write_text_atomic
 from msvse.train.checkpoint import (
     CheckpointError,
@@ -73,9 +73,10 @@ from msvse.train.checkpoint import (
 )
 from msvse.train.config import TrainConfig
 from msvse.train.data import TAG_INDEX, TAG_LABELS, Collator, PostDataset, TextEncoder, build_dataset, check_kinds, reassemble
+from msvse.train.tokens import TokenCache
 from msvse.train.metrics import format_scores, score
 from msvse.train.model import MsvseModel, build_model, check_prefix, encoder_limit
-from msvse.twitter import format_posts, read_posts
+from msvse.twitter import format_posts
 
 log = logging.getLogger("msvse.train")
 
@@ -392,21 +393,23 @@ def predict_dataset(
     batch_size: int,
     bf16: bool = True,
     processes: Distributed | None = None,
+    workers: int = 0,
 ) -> list[list[str]]:
-    """Predicted tags for every word of every post (windows reassembled). Under DDP
-    each rank predicts every W-th window (by length, so shares cost alike) and the
-    tags are gathered by window index: every window once, no padding duplicates."""
+    """Predicted tags for every word of every post (windows reassembled). Windows go in
+    batches of alike length, built in ``workers`` DataLoader processes (0: in this one).
+    Under DDP each rank predicts every W-th window (by length, so shares cost alike) and
+    the tags are gathered by window index: every window once, no padding duplicates."""
     processes = processes or Distributed()
     model.eval()
-    order = sorted(range(len(dataset.items)), key=lambda i: sum(len(p) for p in dataset.items[i].pieces))
+    order = sorted(range(len(dataset)), key=dataset.window_cost)
     shares = [order[r :: processes.world] for r in range(processes.world)]
     mine = shares[processes.rank]
-    window_tags: list[list[str]] = [[] for _ in dataset.items]
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        batch = collator([dataset.items[i] for i in chunk]).to(device)
+    chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=collator, num_workers=workers)
+    window_tags: list[list[str]] = [[] for _ in range(len(dataset))]
+    for chunk, batch in zip(chunks, loader):
         with autocast(device, bf16):
-            rows = model.predict(batch)
+            rows = model.predict(batch.to(device))
         for i, row in zip(chunk, rows):
             window_tags[i] = row
     if processes.world > 1:
@@ -419,12 +422,12 @@ def _gather_tags(
 ) -> list[list[str]]:
     """Every rank's predicted windows, by index. Each rank's share and the length of
     each window are known to all, so one tensor of tag ids per rank carries them."""
-    lengths = [item.end - item.start for item in dataset.items]
+    lengths = (dataset.windows[:, 2] - dataset.windows[:, 1]).tolist()
     width = max(1, max(sum(lengths[i] for i in share) for share in shares))
     flat = [TAG_INDEX[t] for i in shares[processes.rank] for t in window_tags[i]]
     local = torch.full((width,), -1, dtype=torch.int64)
     local[: len(flat)] = torch.tensor(flat, dtype=torch.int64)
-    out: list[list[str]] = [[] for _ in dataset.items]
+    out: list[list[str]] = [[] for _ in range(len(dataset))]
     for share, ids in zip(shares, processes.all_gather(local)):
         k = 0
         for i in share:
@@ -442,8 +445,11 @@ def evaluate(
     batch_size: int,
     bf16: bool,
     processes: Distributed | None = None,
+    workers: int = 0,
 ) -> tuple[dict, list[list[str]]]:
-    rows = predict_dataset(model, dataset, collator, device, batch_size=batch_size, bf16=bf16, processes=processes)
+    rows = predict_dataset(
+        model, dataset, collator, device, batch_size=batch_size, bf16=bf16, processes=processes, workers=workers
+    )
     return score([p.tags for p in dataset.posts], rows), rows
 
 
@@ -485,13 +491,7 @@ def _train(cfg: TrainConfig, processes: Distributed, device: torch.device, resum
     length = max_length(cfg, tokenizer, encoder)
     text = make_text_encoder(cfg, tokenizer, length)
 
-    data: dict[str, PostDataset] = {}
-    inputs: dict[str, dict[str, int]] = {}
-    for split, path in (("train", cfg.data.train), ("valid", cfg.data.valid), ("test", cfg.data.test)):
-        posts = read_posts(path)
-        data[split] = build_dataset(posts, text, cfg.ablation, store, grid_shape)
-        inputs[split] = {**data[split].report.as_dict(), "empty_posts": _empty_posts(posts, split)}
-        log.info(data[split].report.line(split))
+    data, inputs = build_datasets(cfg, text, store, grid_shape, processes)
 
     model = build_model(cfg, encoder, grid_shape).to(device)
     n_params = count_parameters(model)
@@ -550,7 +550,7 @@ def _train(cfg: TrainConfig, processes: Distributed, device: torch.device, resum
                             processes=processes)  # fmt: skip
         t0 = time.perf_counter()
         dev, _ = evaluate(model, data["valid"], collator, device, batch_size=o.eval_batch_size, bf16=o.bf16,
-                          processes=processes)  # fmt: skip
+                          processes=processes, workers=o.workers)  # fmt: skip
         dev_seconds = time.perf_counter() - t0
         history.append(
             {
@@ -587,9 +587,9 @@ def _train(cfg: TrainConfig, processes: Distributed, device: torch.device, resum
         raise CheckpointError(f"{out / 'model'}: the best checkpoint is missing; start the run over without --resume")
     best = load_checkpoint(out / "model", device=str(device)).model
     dev, dev_rows = evaluate(best, data["valid"], collator, device, batch_size=o.eval_batch_size, bf16=o.bf16,
-                             processes=processes)  # fmt: skip
+                             processes=processes, workers=o.workers)  # fmt: skip
     test, test_rows = evaluate(best, data["test"], collator, device, batch_size=o.eval_batch_size, bf16=o.bf16,
-                               processes=processes)  # fmt: skip
+                               processes=processes, workers=o.workers)  # fmt: skip
     metrics = {
         "best_epoch": best_epoch,
         "epochs": o.epochs,
@@ -628,12 +628,36 @@ def _writing() -> Iterator[None]:
         ) from None
 
 
-def _empty_posts(posts: Sequence[Any], split: str) -> int:
+def build_datasets(
+    cfg: TrainConfig, text: TextEncoder, store: FeatureStore | None, grid_shape: tuple[int, int] | None, processes: Distributed
+) -> tuple[dict[str, PostDataset], dict[str, dict[str, int]]]:
+    """The train, dev and test windows, their tokens from the token cache
+    (``data.token_cache``). Under torchrun rank 0 fills the cache first and the other
+    ranks then find it filled. Also each split's inputs report (no-image counts, empty
+    posts)."""
+    cache = TokenCache(cfg.data.token_cache)
+    data: dict[str, PostDataset] = {}
+    inputs: dict[str, dict[str, int]] = {}
+    if not processes.main:
+        processes.barrier()
+    started = time.perf_counter()
+    for split, path in (("train", cfg.data.train), ("valid", cfg.data.valid), ("test", cfg.data.test)):
+        data[split] = build_dataset(path, text, cfg.ablation, store, grid_shape, cache=cache)
+        inputs[split] = {**data[split].report.as_dict(), "empty_posts": _empty_posts(data[split], split)}
+        log.info(data[split].report.line(split))
+    if processes.main:
+        processes.barrier()
+    log.info("data: %.1f s to read and tokenize (token cache: %s)", time.perf_counter() - started, cfg.data.token_cache or "off")
+    return data, inputs
+
+
+def _empty_posts(dataset: PostDataset, split: str) -> int:
     """Posts with no tokens: kept (their prediction is empty), counted and reported."""
-    empty = [p for p in posts if not p.tokens]
-    if empty:
+    empty = np.flatnonzero(dataset.post_lengths() == 0)
+    if len(empty):
+        first = dataset.posts[int(empty[0])]
         log.warning("%s: %d posts have no tokens (first: %s:%d, IMGID:%s); they are kept and count in no score",
-                    split, len(empty), empty[0].source, empty[0].line, empty[0].image_id)  # fmt: skip
+                    split, len(empty), first.source, first.line, first.image_id)  # fmt: skip
     return len(empty)
 
 
@@ -676,12 +700,8 @@ def paper_size_model(cfg: TrainConfig | None = None) -> MsvseModel:
     at 224 px: 7 x 7 regions), so no shard is needed to count."""
     from transformers import BertConfig, BertModel
 
-    from msvse.extract.archs import resnet_grid_shape
-    from msvse.extract.config import GridConfig
-
     cfg = cfg or TrainConfig()
-    grid = resnet_grid_shape(GridConfig.arch, GridConfig.image_size)
-    return build_model(cfg, BertModel(BertConfig()), grid)
+    return build_model(cfg, BertModel(BertConfig()), PAPER_GRID_SHAPE)
 
 
 def parameter_report(model: MsvseModel) -> dict[str, int]:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from msvse.config import from_dict, load_section
 from msvse.extract.cli import main
 from msvse.extract.config import ExtractConfig
-from msvse.extract.features import partial_path
+from msvse.features import partial_path
 from msvse.extract.run import extract
 
 # Runs the real command in a child process that kills itself with SIGKILL just before

@@ -18,7 +18,7 @@ detectron2 = pytest.importorskip("detectron2")
 
 from msvse.errors import MsvseError  # noqa: E402
 from msvse.extract.config import ObjectsConfig  # noqa: E402
-from msvse.extract.features import FeatureStore  # noqa: E402
+from msvse.features import FeatureStore  # noqa: E402
 from msvse.extract.models import COCO_THING_CLASSES, load_objects  # noqa: E402
 from msvse.extract.run import extract  # noqa: E402
 

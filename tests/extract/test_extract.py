@@ -12,7 +12,7 @@ import pytest
 
 from msvse.config import to_dict
 from msvse.errors import MsvseError
-from msvse.extract.features import (
+from msvse.features import (
     FORMAT,
     SCHEMA_VERSION,
     STATUS_MISSING,

@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from msvse.extract.cli import main as extract_main
-from msvse.extract.features import write_shard
+from msvse.features import write_shard
 from msvse.train.cli import predict_main, train_main
 from msvse.train.synthetic import synthetic_posts, write_features, write_posts
 from msvse.twitter import read_posts

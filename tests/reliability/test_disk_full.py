@@ -24,7 +24,7 @@ from msvse.config import from_dict
 from msvse.extract.archs import build_resnet
 from msvse.extract.cli import main as extract_main
 from msvse.extract.config import ExtractConfig
-from msvse.extract.features import STATUS_PENDING, ShardWriter, partial_path
+from msvse.features import STATUS_PENDING, ShardWriter, partial_path
 from msvse.extract.run import extract
 from msvse.train import checkpoint
 from msvse.train.checkpoint import read_resume_state

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from msvse.extract.features import FeatureStore
+from msvse.features import FeatureStore
 
 
 def _same(a, b) -> None:

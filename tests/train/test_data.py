@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from msvse.extract.features import FeatureStore, write_shard
+from msvse.features import FeatureStore, write_shard
 from msvse.train.config import Ablation
 from msvse.train.data import TAG_INDEX, build_dataset, reassemble
 from msvse.train.trainer import predict_dataset

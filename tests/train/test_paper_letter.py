@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from msvse.config import from_dict
-from msvse.extract.features import FeatureStore, write_shard
+from msvse.features import FeatureStore, write_shard
 from msvse.train.config import PAPER_SETTINGS, Ablation, TrainConfig
 from msvse.train.data import build_dataset
 from msvse.train.model import VisualEntityClassifier, consistency_kl

@@ -12,7 +12,7 @@ from PIL import Image
 from msvse.config import from_dict, to_dict
 from msvse.extract.archs import build_resnet
 from msvse.extract.config import ExtractConfig
-from msvse.extract.features import write_shard
+from msvse.features import write_shard
 from msvse.train.cli import predict_main
 from msvse.train.config import TrainConfig
 from msvse.train.predict import predict_post

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from msvse.errors import ConfigError
-from msvse.extract.features import write_shard
+from msvse.features import write_shard
 from msvse.train import trainer
 from msvse.train.cli import train_main
 from msvse.train.config import load_config
