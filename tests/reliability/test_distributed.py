@@ -88,9 +88,11 @@ def test_two_gloo_ranks_match_one_process_with_the_double_batch(tmp_path, corpus
     rounding (about 1e-7 per step), far below what a wrong batch or a missing average
     would change (1e-3 and more at these learning rates). For this to hold, the losses must
     be means over posts: the KL term (eq 24) is a mean over each batch's tokens, so it is
-    off here, and so is dropout (each rank draws its own masks; the encoder's own dropout
-    is off in ``bert_no_dropout``)."""
-    settings = dict(model={"dropout": 0.0}, ablation={"consistency": False}, optim={"epochs": 3})
+    off here; the default classifier loss (eq 18) is a mean over each batch's posts that
+    have an entity, so the per-type BCE, a mean over all posts, stands in for it; and
+    dropout is off (each rank draws its own masks; the encoder's own dropout is off in
+    ``bert_no_dropout``)."""
+    settings = dict(model={"dropout": 0.0, "classifier_loss": "bce"}, ablation={"consistency": False}, optim={"epochs": 3})
     dist_run, single_run = tmp_path / "ddp", tmp_path / "single"
     wrapper = tools.script(tmp_path, "train_with_snapshots.py", SNAPSHOTS)
     for name in ("ddp_snapshots", "single_snapshots"):
