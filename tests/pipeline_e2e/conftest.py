@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin/: dvc and the msvse-* stage commands
-CODE_DIRS = ("pipeline", "extract", "train")  # dvc.yaml lists their files as dependencies
+CODE_DIRS = ("pipeline", "extract", "train", "msvse")  # dvc.yaml lists their files as dependencies
 
 # The demo, a few dozen posts and one epoch: every stage runs, in well under a minute.
 SMALL = {
