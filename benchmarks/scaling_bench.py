@@ -19,7 +19,8 @@ Every measurement runs in a fresh child process, so its peak resident memory
   an empty token cache (cold), then again with the cache the first run filled (warm; up
   to ``--warm-max`` posts). Epoch and dev seconds come from the run's epochs.csv; data
   set-up is ``build_datasets`` (reading the posts, tokenizing or mapping the cache,
-  indexing the shards); set-up and final is the rest of the wall time.
+  indexing the shards); start-up is everything before the first epoch (encoder, shards,
+  data sets, model); set-up and final is the wall time outside the epoch and dev.
 - ``store``: opening the N-image grid shard with ``FeatureStore``, eager and lazy.
 
 Prints a Markdown table and, with ``--json``, writes every figure. Not a test.
@@ -174,6 +175,14 @@ def child_train(args: argparse.Namespace) -> dict:
     new = build is not None
     if new:
         trainer.build_datasets = timed_build
+    first_epoch = []
+    epoch = trainer.train_epoch
+
+    def timed_epoch(*a, **k):  # start-up: everything before the first epoch begins
+        first_epoch.append(time.perf_counter())
+        return epoch(*a, **k)
+
+    trainer.train_epoch = timed_epoch
     cfg = from_dict(
         TrainConfig,
         {
@@ -199,6 +208,7 @@ def child_train(args: argparse.Namespace) -> dict:
         "dev_per_second": round(dev_posts / dev_s, 1),
         "setup_and_final_seconds": round(wall - train_s - dev_s, 1),
         "data_seconds": round(data_seconds[0], 1) if data_seconds else None,
+        "startup_seconds": round(first_epoch[0] - start, 1),
         "token_cache": args.warm if new else "no",
         "code": args.code,
         "peak_rss_mib": round(peak_rss_mib(), 1),
@@ -324,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
                     results["train"].append(row)
                     data = "" if row["data_seconds"] is None else f"data set-up {row['data_seconds']:.1f} s, "
                     print(f"train {n:>6} ({code} code, {row['token_cache']} token cache): {row['train_per_second']:.1f} "
-                          f"posts/s, {data}set-up and final {row['setup_and_final_seconds']:.1f} s, "
+                          f"posts/s, start-up {row['startup_seconds']:.1f} s, {data}set-up and final "
+                          f"{row['setup_and_final_seconds']:.1f} s, "
                           f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
     print()
     print(table(results))
@@ -348,6 +359,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| train 1 epoch + dev ({row['code']} code, {row['token_cache']} token cache) | {row['n']:,} posts | "
             f"{row['train_per_second']:.0f} posts/s (dev {row['dev_per_second']:.0f}) | {row['wall_seconds']:.0f} ("
+            f"start-up {row['startup_seconds']:.1f}; "
             + ("" if row["data_seconds"] is None else f"data set-up {row['data_seconds']:.1f}; ")
             + f"set-up and final {row['setup_and_final_seconds']:.0f}) | {row['peak_rss_mib']:.0f} MiB | |"
         )

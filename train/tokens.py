@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from msvse.io import current_umask
 from msvse.twitter import ENTITY_TYPES, Post, entities, iter_posts, read_text
 
 log = logging.getLogger("msvse.train")
@@ -115,8 +116,10 @@ class TokenizedPosts:
     def word_ids(self, p: int, start: int, end: int, limit: int) -> list[list[int]]:
         """Sub-word ids of words ``start:end`` of post ``p``, each cut to ``limit``."""
         first = int(self.post_words[p])
-        bounds = self.word_pieces[first + start : first + end + 1]
-        return [self.pieces[a : min(b, a + limit)].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+        bounds = self.word_pieces[first + start : first + end + 1].tolist()
+        flat = self.pieces[bounds[0] : bounds[-1]].tolist()  # one slice per window, then plain lists
+        base = bounds[0]
+        return [flat[a - base : min(b, a + limit) - base] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def window_pieces(self, i: int, limit: int) -> int:
         """Sub-words in window ``i`` (each word's cut to ``limit``): its cost."""
@@ -224,16 +227,17 @@ class TokenCache:
         key = _sha256(str(CACHE_VERSION), kind, "\x1f".join(rows), str(len(rows)), str(limit), json.dumps(settings, sort_keys=True))
         folder = None if self.root is None else self.root / f"{kind}-{key[:32]}"
         if folder is not None and (folder / "meta.json").exists():
-            return np.load(folder / "offsets.npy", mmap_mode="r"), np.load(folder / "ids.npy", mmap_mode="r")
+            return _map(folder / "offsets.npy"), _map(folder / "ids.npy")
         offsets, ids = tokenize_rows(rows, tokenizer, limit)
         if folder is None:
             return offsets, ids
         self._write(folder, {"offsets": offsets, "ids": ids}, {"version": CACHE_VERSION, "kind": kind, "rows": len(rows)})
-        return np.load(folder / "offsets.npy", mmap_mode="r"), np.load(folder / "ids.npy", mmap_mode="r")
+        return _map(folder / "offsets.npy"), _map(folder / "ids.npy")
 
     def _write(self, folder: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would shut out a shared cache's other users
         try:
             for name, values in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(values))
@@ -248,6 +252,13 @@ class TokenCache:
         log.info("token cache: wrote %s", folder.name)
 
 
+def _map(path: Path) -> np.ndarray:
+    """A cached array, memory-mapped read-only. Returned as a plain ndarray view of the
+    map (slicing an ``np.memmap`` builds a memmap object each time, which per-item
+    reads would pay for on every batch)."""
+    return np.asarray(np.load(path, mmap_mode="r"))
+
+
 def _open_posts(folder: Path, source: str) -> TokenizedPosts:
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _POST_ARRAYS}
+    arrays = {name: _map(folder / f"{name}.npy") for name in _POST_ARRAYS}
     return TokenizedPosts(source=source, **arrays)
