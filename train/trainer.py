@@ -405,7 +405,11 @@ def predict_dataset(
     shares = [order[r :: processes.world] for r in range(processes.world)]
     mine = shares[processes.rank]
     chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=collator, num_workers=workers)
+    # A generator of its own: a DataLoader draws its workers' base seed from the one it
+    # is given, and the global one feeds dropout, so evaluating must not advance it.
+    loader = DataLoader(
+        dataset, batch_sampler=chunks, collate_fn=collator, num_workers=workers, generator=torch.Generator().manual_seed(0)
+    )
     window_tags: list[list[str]] = [[] for _ in range(len(dataset))]
     for chunk, batch in zip(chunks, loader):
         with autocast(device, bf16):

@@ -166,3 +166,14 @@ def test_synthetic_posts_round_trip_through_the_cache_arrays(parts_for, tmp_path
     parts = parts_for()
     dataset = build_dataset(path, parts.text, parts.cfg.ablation, None, None, cache=TokenCache(tmp_path / "c"))
     assert [(p.image_id, p.tokens, p.tags) for p in dataset.posts] == [(p.image_id, p.tokens, p.tags) for p in posts]
+
+
+def test_evaluating_leaves_the_global_random_state_alone(parts_for):
+    """Dropout draws from torch's global generator; prediction between epochs must not
+    advance it, or training after the first dev pass would change."""
+    from msvse.train.trainer import predict_dataset
+
+    parts = parts_for()
+    before = torch.random.get_rng_state()
+    predict_dataset(parts.model, parts.valid, parts.collator, torch.device("cpu"), batch_size=4)
+    assert torch.equal(torch.random.get_rng_state(), before)
