@@ -74,10 +74,15 @@ def report_cmd(params_path: str) -> None:
 @PARAMS_OPTION
 @user_errors
 def check_data_cmd(params_path: str) -> None:
-    """Check that a real data set is in place (section `data`): the three text files and
-    the images; writes <data.features>/data_check.json, or says what is missing and where
-    to put it."""
-    from msvse.pipeline.check import DataConfig, check_data, summary_line
+    """Check that a real-data pipeline can run: the detector backend of `extract.objects`
+    imports (detectron2 is built from source) and the data set of section `data` is in
+    place (the three text files and the images). Writes <data.features>/data_check.json,
+    or says, one line per problem, what is missing and how to fix it."""
+    from msvse.config import read_yaml
+    from msvse.extract.config import ExtractConfig
+    from msvse.pipeline.check import DataConfig, check_pipeline, summary_line
 
     cfg = load_section(params_path, "data", DataConfig)
-    click.echo(summary_line(check_data(cfg)))
+    # Only a pipeline with an extract section has a detector to check.
+    extract = load_section(params_path, "extract", ExtractConfig) if "extract" in read_yaml(params_path) else ExtractConfig()
+    click.echo(summary_line(check_pipeline(cfg, extract.objects)))
