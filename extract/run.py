@@ -377,7 +377,7 @@ def extract(
         writer.close()
     if len(reasons) > MAX_REPORTED:
         tqdm.write(f"... and {len(reasons) - MAX_REPORTED} more rows not ok; all are listed in {_report_path(out_path)}")
-    return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config, load_seconds)
+    return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config, load_seconds, device)
 
 
 def _os_reason(exc: Exception) -> str:
@@ -467,8 +467,9 @@ def _finish_summary(
     images_dir: Path,
     config: ExtractConfig,
     load_seconds: float = 0.0,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Count the finished shard's rows and write its report."""
+    """Count the finished shard's rows and write its report (with the run's peak memory)."""
     import h5py
 
     from .features import _decode
@@ -497,6 +498,7 @@ def _finish_summary(
         "written": int(written),
         "seconds": round(seconds, 2),
         "load_seconds": round(load_seconds, 2),  # of which loading the models
+        "peak_memory": msvse_io.peak_memory(device),
     }
     report = _report_path(out_path)
     try:
