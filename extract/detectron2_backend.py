@@ -10,6 +10,7 @@ point ``extract.objects.weights`` only at files you trust.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,13 @@ def import_detectron2() -> str:
     """detectron2's version, once its model builder (and with it the compiled ops) imports.
     Otherwise one line saying how to install it and how to switch to torchvision."""
     try:
-        import detectron2
-        from detectron2 import model_zoo  # noqa: F401
-        from detectron2.modeling import build_model  # noqa: F401
+        with warnings.catch_warnings():
+            # Its import warns that pkg_resources and torch.jit.script are deprecated:
+            # detectron2's own code, nothing a user of this backend can act on.
+            warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
+            import detectron2
+            from detectron2 import model_zoo  # noqa: F401
+            from detectron2.modeling import build_model  # noqa: F401
     except ImportError as exc:
         raise MsvseError(
             f"extract.objects.backend is detectron2, but detectron2 cannot be imported "
