@@ -1,13 +1,16 @@
 """Mask R-CNN through detectron2, the paper's backend (``extract.objects.backend: detectron2``).
 
-detectron2 is not on the package registry: build it from source
-(https://github.com/facebookresearch/detectron2, INSTALL.md). It is imported only when
-this backend is chosen. Model-zoo ``.pkl`` checkpoints are Python pickles that
-detectron2 itself unpickles: point ``extract.objects.weights`` only at files you trust.
+detectron2 is not on the package registry: build it from source (:data:`INSTALL`, the
+commit the tests passed on). It is imported only when this backend is chosen, and a
+missing install is one line that gives that command and the switch to torchvision's
+Mask R-CNN (:func:`import_detectron2`; the paper pipelines' first stage calls it too).
+Model-zoo ``.pkl`` checkpoints are Python pickles that detectron2 itself unpickles:
+point ``extract.objects.weights`` only at files you trust.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,15 @@ from msvse.errors import MsvseError
 
 from .config import ObjectsConfig
 from .models import COCO_THING_CLASSES, TINY_HINT, Detections, ShortSideResize, autocast, select_detections
+
+#: The detectron2 commit this backend was tested with (torch 2.14.1).
+COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
+#: How to install it: from source, against the torch already installed (hence no build
+#: isolation; its setup.py still needs setuptools' pkg_resources, gone in setuptools 81).
+INSTALL = (
+    "pip install 'setuptools<81' && pip install --no-build-isolation "
+    f"'git+https://github.com/facebookresearch/detectron2.git@{COMMIT}'"
+)
 
 
 class Detectron2Detector:
@@ -72,28 +84,58 @@ class Detectron2Detector:
         return out
 
 
-def load_detectron2(cfg: ObjectsConfig, device: torch.device) -> Detectron2Detector:
+def import_detectron2() -> str:
+    """detectron2's version, once its model builder (and with it the compiled ops) imports.
+    Otherwise one line saying how to install it and how to switch to torchvision."""
     try:
-        from detectron2 import model_zoo
-        from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.config import get_cfg
-        from detectron2.modeling import build_model
+        with warnings.catch_warnings():
+            # Its import warns that pkg_resources and torch.jit.script are deprecated:
+            # detectron2's own code, nothing a user of this backend can act on.
+            warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
+            import detectron2
+            from detectron2 import model_zoo  # noqa: F401
+            from detectron2.modeling import build_model  # noqa: F401
     except ImportError as exc:
         raise MsvseError(
-            f"extract.objects.backend is detectron2, but detectron2 cannot be imported ({exc}); build it from "
-            "source (github.com/facebookresearch/detectron2, INSTALL.md) or set extract.objects.backend: torchvision"
+            f"extract.objects.backend is detectron2, but detectron2 cannot be imported "
+            f"({exc}). It is not on PyPI; build it from source (a C++ compiler, and for CUDA the toolkit torch was "
+            f"built with): {INSTALL}. Or run torchvision's Mask R-CNN instead: set extract.objects.backend: "
+            "torchvision in params.yaml (or dvc exp run -S extract.objects.backend=torchvision)"
         ) from None
+    return str(detectron2.__version__)
+
+
+def config_file(name: str) -> str:
+    """The YAML file of ``extract.objects.detectron2_config``: a local file, or the
+    model-zoo config of that name (shipped inside the detectron2 package)."""
+    from detectron2 import model_zoo
+
+    if Path(name).is_file():
+        return name
+    try:
+        return model_zoo.get_config_file(name)
+    except RuntimeError:
+        raise MsvseError(
+            f"extract.objects.detectron2_config: {name!r} is neither a YAML file nor a detectron2 model-zoo config "
+            "(e.g. COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml)"
+        ) from None
+
+
+def load_detectron2(cfg: ObjectsConfig, device: torch.device) -> Detectron2Detector:
+    import_detectron2()
+    from detectron2 import model_zoo
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
 
     name = cfg.detectron2_config
     what = f"object detector {name}"
     d2 = get_cfg()
-    local = Path(name)
+    path = config_file(name)
     try:
-        d2.merge_from_file(str(local) if local.is_file() else model_zoo.get_config_file(name))
-    except (RuntimeError, OSError, KeyError, ValueError) as exc:
-        raise MsvseError(
-            f"extract.objects.detectron2_config: {name!r} is neither a YAML file nor a detectron2 model-zoo config ({exc})"
-        ) from None
+        d2.merge_from_file(path)
+    except (RuntimeError, OSError, KeyError, ValueError, AssertionError) as exc:
+        raise MsvseError(f"extract.objects.detectron2_config: {path}: not a detectron2 config ({exc})") from None
     d2.MODEL.DEVICE = str(device)
     d2.MODEL.MASK_ON = False  # labels only: no mask head, no mask pasting
     d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.score_threshold

@@ -51,6 +51,7 @@ from .images import UnreadableImage, decode_at_sides, decode_image, list_images
 from .models import autocast, load_kind, resolve_device
 
 MAX_REPORTED = 20  # unreadable images named on the terminal; the run report lists all
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # grids are stored as float16
 
 
 # --- ids ---------------------------------------------------------------------------------
@@ -240,6 +241,24 @@ class Models:
         return out
 
 
+def check_grid_range(grid: np.ndarray, names: Sequence[str], where: str) -> None:
+    """Stop at a grid that float16 cannot hold (a value past 65,504, an inf or a NaN),
+    naming the image: stored, it would read back as inf, and training on it would end in
+    a NaN loss, hours later. A trained ResNet's features stay far inside the range, so
+    such a grid means wrong weights or an overflow under fp16 autocast."""
+    finite = np.isfinite(grid).all(axis=(1, 2))
+    peak = np.abs(np.where(np.isfinite(grid), grid, 0)).max(axis=(1, 2))
+    bad = np.flatnonzero(~finite | (peak > FLOAT16_MAX))
+    if len(bad):
+        i = int(bad[0])
+        what = "inf or NaN values" if not finite[i] else f"values up to {peak[i]:.3g}"
+        raise MsvseError(
+            f"{where}: the grid of {names[i]} holds {what}, beyond the float16 range (65,504) the shard stores "
+            f"({len(bad)} of {len(names)} images in this batch); check extract.grid.weights and extract.grid.arch, "
+            "and with extract.autocast: fp16 try bf16 or off"
+        )
+
+
 @functools.lru_cache(maxsize=1)
 def _cached_models(config: ExtractConfig, kinds: tuple[str, ...], device: str) -> Models:
     return Models(config, kinds, resolve_device(device))
@@ -264,6 +283,8 @@ def extract_in_memory(
     for start in range(0, len(paths), config.batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + config.batch_size, len(paths)))])
         feats = models.run(batch)
+        if "grid" in feats:
+            check_grid_range(feats["grid"], [paths[r.index].name for r in batch.rows], "grid model")
         for j, row in enumerate(batch.rows):
             name = paths[row.index].name
             if row.status != STATUS_OK:
@@ -358,6 +379,8 @@ def extract(
         with tqdm(total=sum(len(b) for b in batches), unit="img", desc=out_path.name, disable=not progress) as bar:
             for batch in iterator:
                 feats = models.run(batch)
+                if "grid" in feats:
+                    check_grid_range(feats["grid"], [ids[r.index] for r in batch.rows], str(partial))
                 try:
                     writer.write_rows(batch.rows[0].index, [r.status for r in batch.rows], **feats)
                 except OSError as exc:
@@ -380,7 +403,7 @@ def extract(
         writer.close()
     if len(reasons) > MAX_REPORTED:
         tqdm.write(f"... and {len(reasons) - MAX_REPORTED} more rows not ok; all are listed in {_report_path(out_path)}")
-    return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config, load_seconds)
+    return _finish_summary(out_path, written, time.monotonic() - started, reasons, images_dir, config, load_seconds, device)
 
 
 def _os_reason(exc: Exception) -> str:
@@ -468,8 +491,9 @@ def _finish_summary(
     images_dir: Path,
     config: ExtractConfig,
     load_seconds: float = 0.0,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Count the finished shard's rows and write its report."""
+    """Count the finished shard's rows and write its report (with the run's peak memory)."""
     import h5py
 
     try:
@@ -496,6 +520,7 @@ def _finish_summary(
         "written": int(written),
         "seconds": round(seconds, 2),
         "load_seconds": round(load_seconds, 2),  # of which loading the models
+        "peak_memory": msvse_io.peak_memory(device),
     }
     report = _report_path(out_path)
     try:

@@ -63,6 +63,21 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def peak_memory(device: Any = None) -> dict[str, float | None]:
+    """This process's peak resident memory and, on a CUDA ``device``, the most GPU memory
+    PyTorch's allocator held (what the card must have, besides the CUDA context), in MiB.
+    Stages record it beside their outputs, so a run says what it needed."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gpu = None
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        gpu = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    return {"rss_mib": round(rss, 1), "gpu_mib": gpu}
+
+
 def write_resolved_config(path: str | Path, stage: str, config: dict[str, Any], **extra: Any) -> None:
     """Write the resolved config of ``stage`` as JSON next to that stage's outputs."""
     write_json_atomic(path, {"stage": stage, "config": config, **extra, **provenance()})

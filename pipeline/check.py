@@ -1,11 +1,16 @@
-"""The first stage of a real-data pipeline: is the data set where the params say?
+"""The first stage of a real-data pipeline: can it run here, and is the data set where
+the params say?
 
 The images and the text of Twitter-2015 and Twitter-2017 do not come with this
-repository. Before any model is loaded, :func:`check_data` looks for the three text
-files and the images folder of the ``data`` section and, when something is missing,
-stops with one message that says where it looked and what to put there. When all is in
-place it writes a small report (posts, entities, images found and missing) that the
-extraction stages depend on, so that they run only after the check has passed.
+repository, and detectron2, the paper pipelines' detector backend, does not come from
+the package registry. Before any model is loaded, :func:`check_pipeline` checks both:
+that the detector backend of ``extract.objects`` imports (:func:`check_detector`) and
+that the three text files and the images folder of the ``data`` section are there
+(:func:`check_data`). Each problem is one line that says what to do (the install command
+or the switch to torchvision; where to put the data), and all of them come at once.
+When all is in place it writes a small report (posts, entities, images found and
+missing) that the extraction stages depend on, so that they run only after the check has
+passed.
 
 The report holds no timestamp: the same data gives the same file, and DVC then sees no
 reason to run the stages after it again.
@@ -21,6 +26,7 @@ import msvse
 from msvse.config import bounds, to_dict
 from msvse.errors import MsvseError
 from msvse.io import write_json_atomic
+from msvse.extract.config import ObjectsConfig
 from msvse.twitter import read_posts, stats
 
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
@@ -59,6 +65,39 @@ def _what_to_put(cfg: DataConfig) -> str:
     )
 
 
+class PipelineNotReady(MsvseError):
+    """Something the pipeline needs is missing: one line per problem."""
+
+
+def check_pipeline(data: DataConfig, objects: ObjectsConfig) -> dict[str, Any]:
+    """Check the detector backend and the data set; write and return the data report.
+
+    Raises :class:`PipelineNotReady` with every problem found, one line each, so a first
+    run names all that is missing instead of one thing per run.
+    """
+    problems = []
+    for check, cfg in ((check_detector, objects), (inspect_data, data)):
+        try:
+            check(cfg)
+        except MsvseError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise PipelineNotReady("\n".join(problems))
+    return check_data(data)
+
+
+def check_detector(cfg: ObjectsConfig) -> None:
+    """For ``backend: detectron2``: detectron2 imports and its config resolves (else one
+    line with the install command and the switch to torchvision). Nothing falls back:
+    the torchvision backend runs only where the params say so."""
+    if cfg.backend != "detectron2":
+        return
+    from msvse.extract.detectron2_backend import config_file, import_detectron2
+
+    import_detectron2()
+    config_file(cfg.detectron2_config)
+
+
 def check_data(cfg: DataConfig) -> dict[str, Any]:
     """Check that the data set is in place; write and return the report.
 
@@ -66,6 +105,13 @@ def check_data(cfg: DataConfig) -> dict[str, Any]:
     there, or :class:`~msvse.errors.DataFormatError` (file and line) for a text file
     that breaks the format.
     """
+    report = inspect_data(cfg)
+    write_json_atomic(Path(cfg.features) / "data_check.json", report)
+    return report
+
+
+def inspect_data(cfg: DataConfig) -> dict[str, Any]:
+    """:func:`check_data` without writing the report."""
     paths = cfg.split_paths()
     images = Path(cfg.images)
     missing = [p.name for p in paths.values() if not p.is_file()]
@@ -110,7 +156,6 @@ def check_data(cfg: DataConfig) -> dict[str, Any]:
         },
         "msvse_version": msvse.__version__,
     }
-    write_json_atomic(Path(cfg.features) / "data_check.json", report)
     return report
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import click
 
-from msvse.cliutil import user_errors
+from msvse.cliutil import key_values, user_errors
 from msvse.config import load_section
 
 PARAMS_OPTION = click.option(
@@ -23,7 +25,8 @@ PARAMS_OPTION = click.option(
 @click.group()
 @click.version_option(package_name="msvse")
 def main() -> None:
-    """Pipeline glue: the demo data set, the tiny offline models, the data check and the report."""
+    """Pipeline glue: the demo data set, the tiny offline models, the data check, the report,
+    and the dry run of a paper pipeline at its real sizes."""
 
 
 @main.command("demo")
@@ -74,10 +77,48 @@ def report_cmd(params_path: str) -> None:
 @PARAMS_OPTION
 @user_errors
 def check_data_cmd(params_path: str) -> None:
-    """Check that a real data set is in place (section `data`): the three text files and
-    the images; writes <data.features>/data_check.json, or says what is missing and where
-    to put it."""
-    from msvse.pipeline.check import DataConfig, check_data, summary_line
+    """Check that a real-data pipeline can run: the detector backend of `extract.objects`
+    imports (detectron2 is built from source) and the data set of section `data` is in
+    place (the three text files and the images). Writes <data.features>/data_check.json,
+    or says, one line per problem, what is missing and how to fix it."""
+    from msvse.config import read_yaml
+    from msvse.extract.config import ExtractConfig
+    from msvse.pipeline.check import DataConfig, check_pipeline, summary_line
 
     cfg = load_section(params_path, "data", DataConfig)
-    click.echo(summary_line(check_data(cfg)))
+    # Only a pipeline with an extract section has a detector to check.
+    extract = load_section(params_path, "extract", ExtractConfig) if "extract" in read_yaml(params_path) else ExtractConfig()
+    click.echo(summary_line(check_pipeline(cfg, extract.objects)))
+
+
+@main.command("dry-run")
+@click.argument("pipeline_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Scratch folder (new or empty), kept afterwards. Default: a temporary folder, removed at the end.")
+@click.option("--posts", type=click.IntRange(min=8), default=None,
+              help="Training posts (default: train.optim.batch_size, one full batch); dev and test get an eighth each.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Change a key of the pipeline's params.yaml for the dry run, as dvc exp run -S does, "
+                   "e.g. --set extract.objects.backend=torchvision.")
+@user_errors
+def dry_run_cmd(pipeline_dir: Path, out: Path | None, posts: int | None, sets: tuple[str, ...]) -> None:
+    """Run the paper pipeline in PIPELINE_DIR (its dvc.yaml, its params) on a few synthetic
+    posts and images, with every model at its real architecture and size but random
+    weights (nothing is downloaded), for one epoch; print per stage the time, the peak
+    memory (and GPU memory on CUDA), the shards' bytes per image, the checkpoint's size
+    and the parameter count."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built here
+    from transformers.utils import logging as hf_logging
+
+    from msvse.pipeline.dryrun import dry_run, format_report, temporary_scratch
+
+    hf_logging.disable_progress_bar()
+    scratch = out if out is not None else temporary_scratch()
+    try:
+        report = dry_run(pipeline_dir, scratch, posts=posts, sets=key_values(sets, "extract.objects.backend=torchvision"),
+                         echo=click.echo)  # fmt: skip
+    finally:
+        if out is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    click.echo("")
+    click.echo(format_report(report) + ("" if out is not None else " -- removed now; keep it with --out DIR"))

@@ -145,11 +145,16 @@ def corpus_lines(corpus_files: Sequence[str | Path]) -> list[str]:
     return lines
 
 
-def train_tokenizer(lines: Sequence[str], vocab_size: int, model_max_length: int):
+def train_tokenizer(
+    lines: Sequence[str], vocab_size: int, model_max_length: int, pad_to: int | None = None, words: Sequence[str] = ()
+):
     """A WordPiece ``BertTokenizer`` (uncased, ``##`` continuation) trained on ``lines``.
 
     The normaliser and pre-tokeniser are BERT's, so words split exactly as
-    bert-base-uncased would split them; special tokens take ids 0-4.
+    bert-base-uncased would split them; special tokens take ids 0-4. ``pad_to`` fills
+    the vocabulary with ``[unusedN]`` entries up to that size, as bert-base-uncased's own
+    holds them, so that a model built for it gets the real embedding matrix. ``words``
+    are added as whole-word entries after the trained ones (those not there already).
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertTokenizer
@@ -172,6 +177,11 @@ def train_tokenizer(lines: Sequence[str], vocab_size: int, model_max_length: int
     raw.train_from_iterator(lines, trainer=trainer)
     vocab = raw.get_vocab()
     assert [vocab[t] for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    trained = len(vocab)
+    for i in range((pad_to or 0) - trained):
+        vocab[f"[unused{i}]"] = trained + i
     return BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=model_max_length)
 
 
@@ -288,13 +298,25 @@ def fit_captioner(model, processor, examples: Sequence[tuple[Path, str]], cfg: T
     return {"steps": cfg.fit_steps, "images": len(examples), "first_loss": round(first, 4), "last_loss": round(last, 4)}
 
 
-def _save_state_dict(module: torch.nn.Module, path: Path) -> None:
+def save_state_dict(module: torch.nn.Module, path: Path) -> None:
+    """A torchvision-style ``.pth`` state dict, written whole or not at all."""
     # Through a buffer: saved straight to the temporary file, the archive would take
     # its random name and the same weights would give different bytes on every run.
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
+
+
+def save_pretrained(path: Path, *parts: Any) -> None:
+    """A Hugging Face folder: each part (model, tokenizer, processor) ``save_pretrained``
+    into ``path``, swapped in whole."""
+
+    def save(folder: Path) -> None:
+        for part in parts:
+            part.save_pretrained(folder)
+
+    _replace_dir(path, save)
 
 
 def build_tiny_models(cfg: TinyConfig, corpus_files: Sequence[str | Path] | None = None) -> dict[str, Any]:
@@ -322,12 +344,7 @@ def build_tiny_models(cfg: TinyConfig, corpus_files: Sequence[str | Path] | None
     }
 
     bert = build_bert(cfg.bert, tokenizer, cfg.seed)
-
-    def save_bert(path: Path) -> None:
-        bert.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-
-    _replace_dir(out / "bert", save_bert)
+    save_pretrained(out / "bert", bert, tokenizer)
     files["bert"] = {
         "kind": "BertModel, random init",
         "config": to_dict(cfg.bert),
@@ -342,11 +359,7 @@ def build_tiny_models(cfg: TinyConfig, corpus_files: Sequence[str | Path] | None
     if cfg.blip.fit_steps > 0:
         fit = fit_captioner(blip, processor, read_scenes(data_dir), cfg.blip, cfg.seed)
 
-    def save_blip(path: Path) -> None:
-        blip.save_pretrained(path)
-        processor.save_pretrained(path)
-
-    _replace_dir(out / "blip", save_blip)
+    save_pretrained(out / "blip", blip, processor)
     files["blip"] = {
         "kind": "BlipForConditionalGeneration" + (", fitted on demo train captions" if fit else ", random init"),
         "config": to_dict(cfg.blip),
@@ -357,7 +370,7 @@ def build_tiny_models(cfg: TinyConfig, corpus_files: Sequence[str | Path] | None
 
     torch.manual_seed(cfg.seed)
     resnet = build_resnet(RESNET_ARCH)
-    _save_state_dict(resnet, out / RESNET_FILE)
+    save_state_dict(resnet, out / RESNET_FILE)
     files[RESNET_FILE] = {
         "kind": "torchvision state dict, random init",
         "arch": RESNET_ARCH,
@@ -367,7 +380,7 @@ def build_tiny_models(cfg: TinyConfig, corpus_files: Sequence[str | Path] | None
 
     torch.manual_seed(cfg.seed)
     maskrcnn = build_maskrcnn(MASKRCNN_ARCH)
-    _save_state_dict(maskrcnn, out / MASKRCNN_FILE)
+    save_state_dict(maskrcnn, out / MASKRCNN_FILE)
     files[MASKRCNN_FILE] = {
         "kind": "torchvision state dict, random init",
         "arch": MASKRCNN_ARCH,

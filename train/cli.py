@@ -7,10 +7,8 @@ import logging
 import os
 
 import click
-import yaml
 
-from msvse.cliutil import user_errors
-from msvse.errors import ConfigError
+from msvse.cliutil import key_values, user_errors
 
 
 def _setup_logging() -> None:
@@ -18,16 +16,7 @@ def _setup_logging() -> None:
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. optim.epochs=3")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {pair!r}: the value is not valid YAML") from None
-    return out
+    return key_values(pairs, "optim.epochs=3")
 
 
 @click.command()

@@ -13,7 +13,7 @@ Outputs under ``cfg.output``::
     plots/epochs.csv       per-epoch train loss, dev P/R/F1, seconds (for dvc plots)
     predictions/dev.txt    Twitter format, predicted tags
     predictions/test.txt
-    train_config.json      resolved config, inputs report, provenance
+    train_config.json      resolved config, inputs report, peak memory, provenance
     resume/                while the run lasts: the state after the last complete epoch
 
 **Resuming.** After every epoch the weights, the optimizer, the scheduler, every rank's
@@ -60,7 +60,7 @@ from transformers import get_linear_schedule_with_warmup
 from msvse.config import to_dict
 from msvse.errors import ConfigError, MsvseError
 from msvse.features import PAPER_GRID_SHAPE, FeatureStore
-from msvse.io import write_json_atomic, write_resolved_config, write_text_atomic
+from msvse.io import peak_memory, write_json_atomic, write_resolved_config, write_text_atomic
 from msvse.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -610,6 +610,7 @@ def _train(cfg: TrainConfig, processes: Distributed, device: torch.device, resum
             write_resolved_config(
                 out / "train_config.json", "train", to_dict(cfg), inputs=inputs, device=str(device),
                 processes=processes.world, resumed_after_epoch=start_epoch - 1 if start_epoch > 1 else None,
+                peak_memory=peak_memory(device),
             )  # fmt: skip
         shutil.rmtree(resume_dir, ignore_errors=True)  # the run is complete: metrics.json says so
     processes.barrier()

@@ -267,3 +267,15 @@ def test_a_kinds_features_do_not_depend_on_the_other_kinds(tmp_path, photo_maker
     extract(folder, alone, cfg, ["grid"], progress=False)
     extract(folder, together, cfg, ["grid", "objects"], progress=False)  # objects decode at another JPEG scale
     np.testing.assert_array_equal(read_all(alone)["grid"], read_all(together)["grid"])
+
+
+def test_a_grid_past_float16_stops_the_run_naming_the_image(tmp_path, tiny_config, photos, monkeypatch):
+    # A grid past float16's range would be stored as inf and end in a NaN loss at training.
+    from msvse.extract import run as run_module
+    from msvse.extract.models import GridModel
+
+    real = GridModel.__call__
+    monkeypatch.setattr(GridModel, "__call__", lambda self, images: real(self, images) * 1e6)
+    with pytest.raises(MsvseError, match=r"grid\.h5\.partial: the grid of 100\.jpg holds values up to .*float16"):
+        run_module.extract(photos, tmp_path / "grid.h5", tiny_config, ["grid"], progress=False)
+    assert not (tmp_path / "grid.h5").exists()

@@ -122,3 +122,12 @@ def test_cli_reports_bad_tiny_params_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["tiny-models", "--params", str(params)])
     assert result.exit_code == 2 and "tiny.blip.fit_step: unknown key" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_vocabulary_filled_to_a_real_models_size_tokenizes_as_before():
+    lines = ["Kobe Bryant at the Staples Center", "a man in a red shirt", "Jordan is trending again"]
+    plain = train_tokenizer(lines, 200, 32)
+    filled = train_tokenizer(lines, 200, 32, pad_to=1000)
+    assert len(filled) == 1000 and filled.convert_ids_to_tokens([len(plain), 999]) == ["[unused0]", f"[unused{999 - len(plain)}]"]
+    text = "Kobe is trending at the Center"
+    assert filled(text)["input_ids"] == plain(text)["input_ids"]

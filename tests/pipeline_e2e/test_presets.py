@@ -1,11 +1,14 @@
 """The paper's pipelines (pipelines/twitter2015, pipelines/twitter2017): typed params
 that load, settings that match the paper and configs/, and a first stage that says
-where the data should be when it is not there."""
+where the data should be when it is not there, and how to install detectron2 or switch
+to torchvision when detectron2 does not import."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,9 @@ from click.testing import CliRunner
 
 from msvse.config import load_section
 from msvse.extract.config import ExtractConfig
-from msvse.pipeline.check import DataConfig, check_data
+from msvse.extract.config import ObjectsConfig
+from msvse.extract.detectron2_backend import INSTALL
+from msvse.pipeline.check import DataConfig, PipelineNotReady, check_data, check_pipeline
 from msvse.pipeline.cli import main
 from msvse.pipeline.report import ReportConfig
 from msvse.train.config import TrainConfig
@@ -22,6 +27,8 @@ from msvse.train.config import TrainConfig
 from .conftest import REPO, dvc
 
 PRESETS = {"twitter2015": 3e-5, "twitter2017": 3e-5}  # section 5.1: one rate for both (Table 1)
+HAVE_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
+SWITCH = "set extract.objects.backend: torchvision"
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -33,7 +40,12 @@ def test_preset_params_load_and_hold_the_papers_settings(name):
     report = load_section(params, "report", ReportConfig)
 
     assert (extract.grid.arch, extract.grid.weights) == ("resnet152", "imagenet")
+    # The design's detector by default: detectron2's COCO Mask R-CNN R101-FPN 3x, the
+    # model zoo's weights; torchvision's R50-FPN v2 is the documented alternative.
+    assert extract.objects.backend == "detectron2"
+    assert extract.objects.detectron2_config == "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml"
     assert (extract.objects.arch, extract.objects.weights) == ("maskrcnn_resnet50_fpn_v2", "coco")
+    assert (extract.objects.min_size, extract.objects.max_size, extract.objects.max_objects) == (800, 1333, 10)
     assert extract.caption.model == "Salesforce/blip-image-captioning-base"
     assert train.model.encoder == "bert-base-uncased"
     assert (train.optim.epochs, train.optim.batch_size) == (30, 32)
@@ -96,6 +108,50 @@ def test_check_counts_missing_images_and_rejects_the_wrong_folder(tmp_path):
     assert json.loads(written)["images"]["found"] == 5
 
 
+def _in_place(tmp_path) -> DataConfig:
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    for split, ids in (("train", [1, 2]), ("valid", [3]), ("test", [4])):
+        (root / f"{split}.txt").write_text(_posts(ids))
+    for i in (1, 2, 3, 4):
+        (root / "images" / f"{i}.jpg").write_bytes(b"x")
+    return DataConfig(name="T", dir=str(root), images=str(root / "images"), features=str(tmp_path / "f"))
+
+
+def test_check_without_detectron2_gives_the_install_line_and_the_switch(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # as if not installed
+    data = _in_place(tmp_path)
+    with pytest.raises(PipelineNotReady) as err:
+        check_pipeline(data, ObjectsConfig(backend="detectron2"))
+    (line,) = str(err.value).splitlines()  # the data is in place: one problem, one line
+    assert "detectron2 cannot be imported" in line and INSTALL in line and SWITCH in line
+    assert not (tmp_path / "f" / "data_check.json").exists()  # the stage failed: no report
+    # Nothing falls back: torchvision runs only where the params say so.
+    assert check_pipeline(data, ObjectsConfig(backend="torchvision"))["images"]["found"] == 4
+    assert (tmp_path / "f" / "data_check.json").is_file()
+
+
+def test_check_names_every_problem_at_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "detectron2", None)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"name": "Twitter-2015", "dir": str(tmp_path / "t15"),
+                                               "images": str(tmp_path / "t15" / "images"), "features": str(tmp_path / "f")},
+                                      "extract": {"objects": {"backend": "detectron2"}}}))
+    result = CliRunner().invoke(main, ["check-data", "--params", str(params)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Error: extract.objects.backend is detectron2")
+    assert INSTALL in lines[0] and "Twitter-2015 is not in place" in lines[1]
+
+
+@pytest.mark.skipif(not HAVE_DETECTRON2, reason="detectron2 is not installed")
+def test_check_with_detectron2_resolves_the_config(tmp_path):
+    data = _in_place(tmp_path)
+    assert check_pipeline(data, ObjectsConfig(backend="detectron2"))["images"]["found"] == 4
+    with pytest.raises(PipelineNotReady, match="neither a YAML file nor a detectron2 model-zoo config"):
+        check_pipeline(data, ObjectsConfig(backend="detectron2", detectron2_config="COCO-InstanceSegmentation/nope.yaml"))
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_dvc_repro_without_the_data_stops_at_the_check(tmp_path, name):
     project = tmp_path / "repo"
@@ -113,6 +169,9 @@ def test_dvc_repro_without_the_data_stops_at_the_check(tmp_path, name):
     where = (project / "data" / name).resolve()
     assert f"train.txt, valid.txt, test.txt in {where}" in output
     assert f"images folder {where / 'images'}" in output
+    # The default backend is detectron2: without it, the same stop says how to install it
+    # or switch; with it, nothing about it.
+    assert (INSTALL in output and SWITCH in output) is not HAVE_DETECTRON2
 
 
 def _keys(tree: dict, prefix: str = "") -> set[str]:
