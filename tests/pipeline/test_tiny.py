@@ -131,3 +131,12 @@ def test_a_vocabulary_filled_to_a_real_models_size_tokenizes_as_before():
     assert len(filled) == 1000 and filled.convert_ids_to_tokens([len(plain), 999]) == ["[unused0]", f"[unused{999 - len(plain)}]"]
     text = "Kobe is trending at the Center"
     assert filled(text)["input_ids"] == plain(text)["input_ids"]
+
+
+def test_added_words_are_whole_entries_before_the_filling():
+    lines = ["Kobe Bryant at the Staples Center", "a man in a red shirt", "Jordan is trending again"]
+    plain = train_tokenizer(lines, 200, 32)
+    filled = train_tokenizer(lines, 200, 32, pad_to=1000, words=["telecommunications", "kobe"])
+    assert len(filled) == 1000
+    assert filled.convert_ids_to_tokens([len(plain), len(plain) + 1]) == ["telecommunications", "[unused0]"]  # kobe was there
+    assert filled.tokenize("telecommunications in kobe") == ["telecommunications", "in", "kobe"]
