@@ -20,7 +20,9 @@ Every measurement runs in a fresh child process, so its peak resident memory
   to ``--warm-max`` posts). Epoch and dev seconds come from the run's epochs.csv; data
   set-up is ``build_datasets`` (reading the posts, tokenizing or mapping the cache,
   indexing the shards); start-up is everything before the first epoch (encoder, shards,
-  data sets, model); set-up and final is the wall time outside the epoch and dev.
+  data sets, model), after a first load of the encoder has imported transformers' model
+  code (timed apart: the same for every run); set-up and final is the wall time outside
+  the epoch and dev.
 - ``store``: opening the N-image grid shard with ``FeatureStore``, eager and lazy.
 
 Prints a Markdown table and, with ``--json``, writes every figure. Not a test.
@@ -192,6 +194,13 @@ def child_train(args: argparse.Namespace) -> dict:
             "output": str(run),
         },
     )
+    # transformers imports its model code on the first load (about 2 s here, whatever
+    # the data): done once before the clock starts, so start-up is this run's own work.
+    t0 = time.perf_counter()
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(args.encoder)
+    import_seconds = time.perf_counter() - t0
     start = time.perf_counter()
     trainer.train(cfg)
     wall = time.perf_counter() - start
@@ -209,6 +218,7 @@ def child_train(args: argparse.Namespace) -> dict:
         "setup_and_final_seconds": round(wall - train_s - dev_s, 1),
         "data_seconds": round(data_seconds[0], 1) if data_seconds else None,
         "startup_seconds": round(first_epoch[0] - start, 1),
+        "import_seconds": round(import_seconds, 1),
         "token_cache": args.warm if new else "no",
         "code": args.code,
         "peak_rss_mib": round(peak_rss_mib(), 1),
@@ -259,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warm-max", type=int, default=10000, help="largest size also trained with a warm token cache")
     parser.add_argument("--compare-with", help="a Python with another msvse installed: its training runs beside this one's")
     parser.add_argument("--compare-max", type=int, default=10000, help="largest size trained with --compare-with")
+    parser.add_argument("--repeat", type=int, default=1, help="training runs of each size this many times, alternating the runs (means at the end)")
     for name in ("models", "images", "ids", "out", "paths", "encoder", "n", "grid", "kinds", "cache", "warm", "code"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     parser.add_argument("--lazy", action="store_true", help=argparse.SUPPRESS)
@@ -323,27 +334,47 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"store {'lazy' if lazy else 'eager':5s} {n:>6}: +{row['rss_growth_mib']:.0f} MiB", flush=True)
             if "train" in parts:
                 cache = work / f"tokens_{n}"
-                shutil.rmtree(cache, ignore_errors=True)
                 runs = [("this", sys.executable, warm) for warm in ("cold", "warm")[: 1 if n > args.warm_max else 2]]
                 if args.compare_with and n <= args.compare_max:
                     runs.insert(0, ("other", args.compare_with, "cold"))
-                for code, python, warm in runs:
+                for _round, (code, python, warm) in ((r, run) for r in range(args.repeat) for run in runs):
+                    if code == "this" and warm == "cold":
+                        shutil.rmtree(cache, ignore_errors=True)
                     row = run_child("train", "--paths", json.dumps(paths), "--encoder", str(encoder), "--n", str(n),
                                     "--out", str(work / f"run_{n}_{code}_{warm}"), "--cache", str(cache), "--warm", warm,
                                     "--code", code, python=python)  # fmt: skip
                     results["train"].append(row)
                     data = "" if row["data_seconds"] is None else f"data set-up {row['data_seconds']:.1f} s, "
                     print(f"train {n:>6} ({code} code, {row['token_cache']} token cache): {row['train_per_second']:.1f} "
-                          f"posts/s, start-up {row['startup_seconds']:.1f} s, {data}set-up and final "
+                          f"posts/s, start-up {row['startup_seconds']:.1f} s (after {row['import_seconds']:.1f} s "
+                          f"importing transformers' model code), {data}set-up and final "
                           f"{row['setup_and_final_seconds']:.1f} s, "
                           f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
     print()
     print(table(results))
+    if args.repeat > 1:
+        print()
+        print(means(results["train"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def means(rows: list[dict]) -> str:
+    """Mean and range of the repeated training runs, per size, code and cache."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["n"], row["code"], row["token_cache"]), []).append(row)
+    lines = []
+    for (n, code, warm), runs in groups.items():
+        parts = []
+        for key, what in (("train_per_second", "posts/s"), ("dev_per_second", "dev posts/s"), ("startup_seconds", "s start-up")):
+            values = [r[key] for r in runs]
+            parts.append(f"{sum(values) / len(values):.1f} {what} ({min(values):.1f}-{max(values):.1f})")
+        lines.append(f"train {n:,} ({code} code, {warm} token cache), {len(runs)} runs: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:

@@ -250,8 +250,8 @@ def make_text_encoder(cfg: TrainConfig, tokenizer: Any, length: int) -> TextEnco
 
 def open_features(cfg: TrainConfig) -> FeatureStore | None:
     """The shards the settings need (None for a text-only model), checked for the kinds.
-    Lazy: the data sets keep the grids of their own posts, so the store need not hold
-    a second copy of them all (half the memory, and faster to open)."""
+    Lazy: the data sets read their grids per batch, so the store holds none of them
+    (memory flat in the data, and fast to open)."""
     if cfg.ablation.text_only:
         return None
     if not cfg.data.features:
