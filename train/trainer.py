@@ -46,6 +46,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,8 +328,29 @@ class EpochStats:
         return self.data_seconds / self.seconds if self.seconds else 0.0
 
 
-def _timed(loader: Any) -> Iterator[tuple[Any, float]]:
+_END = object()
+
+
+def batches_ahead(loader: Any) -> Iterator[Any]:
+    """``loader``'s batches, each built while the caller works on the one before. A
+    loader with workers already builds ahead in them; an in-process one (``workers:
+    0``) gets one helper thread, which reads and collates the next batch while the model
+    runs this one (the model's kernels release the GIL). The batches and their order are
+    the loader's own: its iterator, and the seed it draws, are made here, the helper
+    only calls ``next``, and a batch's error is raised here."""
+    if getattr(loader, "num_workers", 0) > 0:
+        yield from loader
+        return
     it = iter(loader)
+    with ThreadPoolExecutor(1, thread_name_prefix="msvse-batches") as helper:
+        pending = helper.submit(next, it, _END)
+        while (batch := pending.result()) is not _END:
+            pending = helper.submit(next, it, _END)
+            yield batch
+
+
+def _timed(loader: Any) -> Iterator[tuple[Any, float]]:
+    it = batches_ahead(loader)
     while True:
         t0 = time.perf_counter()
         try:
@@ -411,7 +433,7 @@ def predict_dataset(
         dataset, batch_sampler=chunks, collate_fn=collator, num_workers=workers, generator=torch.Generator().manual_seed(0)
     )
     window_tags: list[list[str]] = [[] for _ in range(len(dataset))]
-    for chunk, batch in zip(chunks, loader):
+    for batch, chunk in zip(batches_ahead(loader), chunks):  # the batches first: the helper ends with them
         with autocast(device, bf16):
             rows = model.predict(batch.to(device))
         for i, row in zip(chunk, rows):
