@@ -131,6 +131,39 @@ def test_batches_from_two_workers_equal_in_process_batches(parts_for):
         assert [(i.post, i.start) for i in a.items] == [(i.post, i.start) for i in b.items]
 
 
+def test_batches_built_ahead_in_process_are_the_loaders_own_and_its_errors_reach_the_caller(parts_for):
+    import threading
+
+    from msvse.train.trainer import batches_ahead, make_loader
+
+    parts = parts_for(optim={"batch_size": 5})
+    loader = make_loader(parts.train, parts.collator, 5, shuffle=True, seed=3, workers=0)
+    loader.sampler.set_epoch(2)
+    start = torch.get_rng_state()
+    plain = list(loader)
+    after = torch.get_rng_state()
+    torch.set_rng_state(start)
+    ahead = list(batches_ahead(loader))
+    assert torch.equal(torch.get_rng_state(), after)  # the same draws from the global stream as the loader's own
+    assert [[(i.post, i.start) for i in b.items] for b in ahead] == [[(i.post, i.start) for i in b.items] for b in plain]
+    assert all(torch.equal(a.text_ids, b.text_ids) and torch.equal(a.grid, b.grid) for a, b in zip(ahead, plain))
+
+    builders = []
+
+    def collate(items):
+        builders.append(threading.current_thread().name)
+        if len(builders) == 3:
+            raise ValueError("the third batch is broken")
+        return parts.collator(items)
+
+    broken = make_loader(parts.train, collate, 5, shuffle=False, seed=3, workers=0)
+    got = []
+    with pytest.raises(ValueError, match="third batch"):
+        for batch in batches_ahead(broken):
+            got.append(batch)
+    assert len(got) == 2 and all(name.startswith("msvse-batches") for name in builders)
+
+
 def test_a_batch_reads_each_shard_once_in_sorted_rows(parts_for, monkeypatch):
     parts = parts_for()
     store = parts.store
